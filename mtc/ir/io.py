@@ -40,6 +40,13 @@ def load(path: str | os.PathLike[str]) -> ir.Model:
         # External tensors are resolved relative to the model's directory, lazily.
         if any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer):
             model = ir.load(str(p))
+            # Read external weights now: the file may be a temporary one, and passes replace tensors.
+            for v in model.graph.initializers.values():
+                if isinstance(v.const_value, ir.ExternalTensor):
+                    try:
+                        v.const_value = ir.tensor(v.const_value.numpy(), name=v.name)
+                    except OSError as e:
+                        raise MtcError(f"external data of '{v.name}' cannot be read: {e}", file=str(p)) from None
     except Exception as e:  # onnx_ir raises several types on malformed protos
         raise MtcError(f"cannot read the graph ({type(e).__name__}: {e})", file=str(p)) from None
     return model

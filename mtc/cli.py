@@ -1,0 +1,148 @@
+"""The ``mtc`` command line."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import click
+
+from mtc import __version__
+from mtc.errors import MtcError
+
+
+class MtcGroup(click.Group):
+    """Turns user errors into one stderr line and exit code 2, with no traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except MtcError as e:
+            click.echo(f"mtc: error: {e}", err=True)
+            sys.exit(e.exit_code)
+
+
+def _human(n: float) -> str:
+    for unit in ("", "K", "M", "G", "T"):
+        if abs(n) < 1000:
+            return f"{n:.3g}{unit}" if unit else f"{int(n)}"
+        n /= 1000
+    return f"{n:.3g}P"
+
+
+@click.group(cls=MtcGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="mtc")
+def main() -> None:
+    """mtc: compile a single-task CNN backbone into a multi-task model."""
+
+
+_input_shape = click.option(
+    "--input-shape", metavar="DIMS", default=None,
+    help="Input shape, e.g. 1,3,224,224 (required for PyTorch sources and symbolic spatial sizes).",
+)
+_opset = click.option("--opset", type=int, default=None, help="Target ONNX opset (17 or newer; default 18).")
+_exporter = click.option(
+    "--exporter", type=click.Choice(["dynamo", "torchscript"]), default="dynamo", show_default=True,
+    help="torch.onnx exporter for PyTorch sources.",
+)
+_seed = click.option("--seed", type=int, default=0, show_default=True, help="Seed of prototxt weight fillers.")
+
+
+def _import(src: str, input_shape: str | None, opset: int | None, exporter: str, seed: int):
+    from mtc.frontends import import_model, parse_input_shape
+    from mtc.ir.opset import TARGET_OPSET
+
+    return import_model(
+        src, input_shape=parse_input_shape(input_shape), opset=opset or TARGET_OPSET, exporter=exporter, seed=seed
+    )
+
+
+@main.command("import")
+@click.argument("src")
+@click.option("-o", "--output", "out", type=click.Path(dir_okay=False), default=None,
+              help="Output .onnx file (default: SRC's stem + .onnx in the working directory).")
+@_input_shape
+@_opset
+@_exporter
+@_seed
+def import_cmd(src: str, out: str | None, input_shape: str | None, opset: int | None, exporter: str, seed: int) -> None:
+    """Import a backbone (.onnx, .prototxt, or pkg.module:factory) into the mtc IR as ONNX."""
+    from mtc.frontends import default_output
+    from mtc.ir import io
+    from mtc.ir.cost import model_cost
+
+    model = _import(src, input_shape, opset, exporter, seed)
+    dst = io.save(model, out or default_output(src))
+    params, macs, _ = model_cost(model)
+    click.echo(f"wrote {dst}: {len(list(model.graph))} nodes, {_human(params)} params, {_human(macs)} MACs")
+
+
+@main.command("inspect")
+@click.argument("model")
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON (keys in docs/inspect.md).")
+@click.option("--top", type=int, default=10, show_default=True, help="How many of the heaviest nodes to list.")
+@_input_shape
+@_opset
+@_exporter
+@_seed
+def inspect_cmd(model: str, as_json: bool, top: int, input_shape: str | None, opset: int | None,
+                exporter: str, seed: int) -> None:
+    """Summarise a model: interface, op histogram, parameters, MACs, heaviest nodes, branch points."""
+    from mtc.ir.summary import summarize
+
+    m = _import(model, input_shape, opset, exporter, seed)
+    s = summarize(m, top=top, source=model)
+    if as_json:
+        click.echo(json.dumps(s, indent=2))
+        return
+    _print_summary(s)
+
+
+def _print_summary(s: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    con = Console()
+    con.print(f"[bold]{s['source']}[/bold]  graph '{s['graph']}', opset {s['opset']}, {s['nodes']} nodes, "
+              f"{_human(s['params'])} params ({s['params']:,}), {_human(s['macs'])} MACs ({s['macs']:,})")
+    io_t = Table(title="Interface", show_header=True)
+    io_t.add_column("kind")
+    io_t.add_column("name")
+    io_t.add_column("shape")
+    io_t.add_column("dtype")
+    for kind in ("inputs", "outputs"):
+        for v in s[kind]:
+            shape = "?" if v["shape"] is None else "[" + ",".join("?" if d is None else str(d) for d in v["shape"]) + "]"
+            io_t.add_row(kind[:-1], v["name"], shape, v["dtype"] or "?")
+    con.print(io_t)
+    ops = Table(title="Ops")
+    ops.add_column("op")
+    ops.add_column("count", justify="right")
+    for op, n in s["ops"].items():
+        ops.add_row(op, str(n))
+    con.print(ops)
+    heavy = Table(title=f"Heaviest {len(s['heaviest'])} nodes")
+    for col in ("node", "op", "MACs", "params", "origin"):
+        heavy.add_column(col, justify="right" if col in ("MACs", "params") else "left")
+    for h in s["heaviest"]:
+        heavy.add_row(h["name"], h["op"], f"{h['macs']:,}", f"{h['params']:,}", h["origin"] or "")
+    con.print(heavy)
+    bp = s["branch_points"]
+    con.print(f"[bold]{bp['count']} candidate branch points[/bold]: " + ", ".join(bp["names"]))
+
+
+def _register_optional() -> None:
+    # Commands from other subsystems register here as they land; missing ones are skipped so the
+    # CLI works during development.
+    try:
+        from mtc.lower.cli import verify_cmd
+    except ImportError:
+        return
+    main.add_command(verify_cmd, "verify")
+
+
+_register_optional()
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

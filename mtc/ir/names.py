@@ -1,0 +1,64 @@
+"""Stable, readable names: no node or value is anonymous and none is duplicated."""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+
+import onnx_ir as ir
+
+ORIGIN_KEY = "mtc.origin"
+
+_SAFE = re.compile(r"[^A-Za-z0-9_.@/:\-]+")
+
+
+def _unique(base: str, taken: set[str]) -> str:
+    if base not in taken:
+        return base
+    k = 1
+    while f"{base}_{k}" in taken:
+        k += 1
+    return f"{base}_{k}"
+
+
+def fix_names(model: ir.Model) -> bool:
+    """Name every anonymous node ``<op>_<k>`` and every anonymous value after its producer.
+
+    Duplicated names get a numeric suffix; existing unique names are kept, so names stay stable
+    across runs and graph-regression snapshots can rely on them. Returns whether anything changed.
+    """
+    g = model.graph
+    changed = False
+    taken_nodes: set[str] = set()
+    counters: Counter[str] = Counter()
+    for node in g:
+        name = node.name or ""
+        if not name or name in taken_nodes:
+            base = name or None
+            if base is None:
+                op = node.op_type.lower()
+                while f"{op}_{counters[op]}" in taken_nodes:
+                    counters[op] += 1
+                base = f"{op}_{counters[op]}"
+                counters[op] += 1
+            node.name = _unique(base, taken_nodes)
+            changed = True
+        taken_nodes.add(node.name)
+
+    taken_values: set[str] = set()
+    for v in list(g.inputs) + list(g.initializers.values()):
+        if v.name:
+            taken_values.add(v.name)
+    for node in g:
+        for i, out in enumerate(node.outputs):
+            if not out.name or out.name in taken_values:
+                suffix = "" if len(node.outputs) == 1 else f"_{i}"
+                out.name = _unique(f"{node.name}{suffix}:out" if out.name else f"{node.name}{suffix}", taken_values)
+                changed = True
+            taken_values.add(out.name)
+    return changed
+
+
+def origin(node: ir.Node) -> str | None:
+    """The front-end layer a node came from, if recorded."""
+    return node.metadata_props.get(ORIGIN_KEY)

@@ -1,0 +1,81 @@
+"""Shape inference on the IR, and queries about static and symbolic dimensions."""
+
+from __future__ import annotations
+
+import onnx
+import onnx_ir as ir
+
+from mtc.errors import MtcError
+
+
+def infer_shapes(model: ir.Model, *, file: str | None = None) -> ir.Model:
+    """Run ONNX shape inference (with data propagation) and write the results into ``model`` in place.
+
+    Custom-domain nodes are skipped by ONNX's inference and keep whatever shapes they carry.
+    """
+    proto = ir.to_proto(model)
+    # Shape inference must not see stale value_info: an old, wrong shape would be merged in.
+    del proto.graph.value_info[:]
+    try:
+        inferred = onnx.shape_inference.infer_shapes(proto, check_type=False, strict_mode=False, data_prop=True)
+    except Exception as e:
+        msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        raise MtcError(f"shape inference failed: {msg}", file=file) from None
+    infos: dict[str, onnx.ValueInfoProto] = {}
+    for vi in list(inferred.graph.value_info) + list(inferred.graph.output):
+        infos[vi.name] = vi
+    for node in model.graph:
+        for out in node.outputs:
+            vi = infos.get(out.name)
+            if vi is None or not vi.type.HasField("tensor_type"):
+                continue
+            tt = vi.type.tensor_type
+            if tt.elem_type:
+                out.dtype = ir.DataType(tt.elem_type)
+            if tt.HasField("shape"):
+                dims: list[int | str | None] = []
+                for d in tt.shape.dim:
+                    if d.HasField("dim_value"):
+                        dims.append(d.dim_value)
+                    elif d.HasField("dim_param"):
+                        dims.append(d.dim_param)
+                    else:
+                        dims.append(None)
+                out.shape = ir.Shape(dims)
+    return model
+
+
+def dims(value: ir.Value) -> tuple[int | str | None, ...] | None:
+    """The value's shape as a tuple of ints (static), strings (symbolic) and None (unknown)."""
+    if value.shape is None:
+        return None
+    out: list[int | str | None] = []
+    for d in value.shape:
+        if isinstance(d, int):
+            out.append(d)
+        else:
+            out.append(d.value)
+    return tuple(out)
+
+
+def static_dims(value: ir.Value, batch: int = 1) -> tuple[int, ...] | None:
+    """The shape with a symbolic leading (batch) dimension replaced by ``batch``; None if not static."""
+    d = dims(value)
+    if d is None:
+        return None
+    out = []
+    for i, x in enumerate(d):
+        if isinstance(x, int):
+            out.append(x)
+        elif i == 0:
+            out.append(batch)
+        else:
+            return None
+    return tuple(out)
+
+
+def format_shape(value: ir.Value) -> str:
+    d = dims(value)
+    if d is None:
+        return "?"
+    return "[" + ",".join("?" if x is None else str(x) for x in d) + "]"

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# The main job on the bundled backbones, on CPU: import every backbone into the mtc IR and inspect it.
+# Later stages (compile -> search -> train -> export) extend this script as they land.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+MTC=.venv/bin/mtc
+OUT=${DEMO_OUT:-demo-out}
+mkdir -p "$OUT"
+export PYTHONWARNINGS=ignore
+
+echo "== mtc $($MTC --version | awk '{print $3}'): import and inspect the bundled backbones =="
+for src in backbones/*.onnx backbones/*.prototxt; do
+  name=$(basename "${src%.*}")
+  $MTC import "$src" -o "$OUT/$name.onnx"
+done
+echo
+echo "== a PyTorch module through the front end: mtc.zoo:tiny_resnet =="
+$MTC import mtc.zoo:tiny_resnet --input-shape 1,3,64,64 -o "$OUT/tiny_resnet_from_torch.onnx"
+echo
+$MTC inspect "$OUT/tiny_mobilenetv2.onnx" --top 5
+$MTC inspect "$OUT/deeplab_resnet34.onnx" --json > "$OUT/deeplab_resnet34.inspect.json"
+echo "wrote $OUT/deeplab_resnet34.inspect.json"
