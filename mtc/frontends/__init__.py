@@ -192,7 +192,10 @@ def canonicalize_import(
     check_inputs(model, file)
     model = convert_opset(model, opset, file=file)
     infer_shapes(model, file=file)
-    if FoldShapes()(model).modified:
+    # Folding makes more shapes static, which makes more folding possible: alternate to a fixpoint.
+    for _ in range(16):
+        if not FoldShapes()(model).modified:
+            break
         infer_shapes(model, file=file)
     fix_names(model)
     check_shapes(model, file)

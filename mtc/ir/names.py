@@ -29,21 +29,26 @@ def fix_names(model: ir.Model) -> bool:
     """
     g = model.graph
     changed = False
-    taken_nodes: set[str] = set()
+    # Names given by the source are reserved up front, so a generated name never displaces one.
+    taken_nodes: set[str] = {n.name for n in g if n.name}
+    seen: set[str] = set()
     counters: Counter[str] = Counter()
     for node in g:
         name = node.name or ""
-        if not name or name in taken_nodes:
-            base = name or None
-            if base is None:
-                op = node.op_type.lower()
-                while f"{op}_{counters[op]}" in taken_nodes:
-                    counters[op] += 1
-                base = f"{op}_{counters[op]}"
+        if name and name not in seen:
+            seen.add(name)
+            continue
+        if name:  # a later duplicate
+            node.name = _unique(name, taken_nodes)
+        else:
+            op = node.op_type.lower()
+            while f"{op}_{counters[op]}" in taken_nodes:
                 counters[op] += 1
-            node.name = _unique(base, taken_nodes)
-            changed = True
+            node.name = f"{op}_{counters[op]}"
+            counters[op] += 1
         taken_nodes.add(node.name)
+        seen.add(node.name)
+        changed = True
 
     taken_values: set[str] = set()
     for v in list(g.inputs) + list(g.initializers.values()):

@@ -28,9 +28,53 @@ def convert_opset(model: ir.Model, target: int = TARGET_OPSET, *, file: str | No
         return model
     if current < MIN_INPUT_OPSET:
         raise MtcError(f"opset {current} is too old: mtc imports opset {MIN_INPUT_OPSET} or newer", file=file)
+    if current > target:
+        _decompose_newer_ops(model)
     try:
         proto = onnx.version_converter.convert_version(ir.to_proto(model), target)
     except Exception as e:  # the converter raises bare RuntimeErrors with C++ messages
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise MtcError(f"cannot convert from opset {current} to {target}: {msg}", file=file) from None
     return ir.from_proto(proto)
+
+
+def _decompose_newer_ops(model: ir.Model) -> None:
+    """Rewrite ops that exist only above opset 18 into older primitives, so down-conversion works.
+
+    ``Gelu`` (opset 20; the dynamo exporter emits it for ``F.gelu``) becomes its defining formula:
+    ``0.5 x (1 + erf(x / sqrt 2))``, or the tanh approximation when ``approximate="tanh"``.
+    """
+    import numpy as np
+
+    g = model.graph
+    for node in list(g):
+        if node.op_type != "Gelu" or node.domain not in ("", "ai.onnx"):
+            continue
+        x = node.inputs[0]
+        approx = node.attributes["approximate"].as_string() if "approximate" in node.attributes else "none"
+        dt = x.dtype.numpy() if x.dtype is not None else np.float32
+
+        def c(val: float, tag: str) -> ir.Value:
+            name = f"{node.name}/{tag}"
+            v = ir.Value(name=name, const_value=ir.tensor(np.array(val, dtype=dt), name=name))
+            g.register_initializer(v)
+            return v
+
+        def op(op_type: str, *inputs: ir.Value, tag: str) -> ir.Node:
+            n = ir.node(op_type, list(inputs), name=f"{node.name}/{tag}")
+            n.metadata_props.update(node.metadata_props)
+            g.insert_before(node, n)
+            return n
+
+        if approx == "tanh":
+            x3 = op("Mul", x, op("Mul", x, x, tag="x2").outputs[0], tag="x3").outputs[0]
+            inner = op("Add", x, op("Mul", x3, c(0.044715, "k"), tag="kx3").outputs[0], tag="inner").outputs[0]
+            t = op("Tanh", op("Mul", inner, c(float(np.sqrt(2 / np.pi)), "s"), tag="scaled").outputs[0], tag="tanh")
+            core = t.outputs[0]
+        else:
+            core = op("Erf", op("Div", x, c(float(np.sqrt(2.0)), "sqrt2"), tag="div").outputs[0], tag="erf").outputs[0]
+        one_plus = op("Add", core, c(1.0, "one"), tag="add").outputs[0]
+        half_x = op("Mul", x, c(0.5, "half"), tag="half_x").outputs[0]
+        out = op("Mul", half_x, one_plus, tag="mul")
+        node.outputs[0].replace_all_uses_with(out.outputs[0], replace_graph_outputs=True)
+        g.remove(node, safe=True)

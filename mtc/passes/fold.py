@@ -276,8 +276,12 @@ class FoldShapes(Pass):
                 if isinstance(d, int) or s.name is None or d.value != s.name:
                     return False
                 continue
+            if isinstance(d, int) and d == int(s):
+                continue  # unchanged axis: leave it out of `axes`
             axes.append(i)
             vals.append(int(s))
+        if not axes:
+            return False
         node.attributes["axes"] = ir.AttrInt64s("axes", axes)
         const = _initializer(g, f"{node.name}_sizes", np.array(vals, dtype=np.int64))
         node.replace_input_with(3, const)

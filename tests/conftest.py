@@ -1,0 +1,42 @@
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BACKBONES = ROOT / "backbones"
+
+warnings.filterwarnings("ignore", module="torch")
+
+
+def parse(text: str) -> ir.Model:
+    """An IR model from ONNX text syntax (``onnx.parser``)."""
+    return ir.from_proto(onnx.parser.parse_model(text))
+
+
+def run_ort(model: ir.Model | onnx.ModelProto | str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    import onnxruntime as ort
+
+    if isinstance(model, ir.Model):
+        model = ir.to_proto(model)
+    data = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
+    return sess.run(None, feeds)
+
+
+def rel_err(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.max(np.abs(a - b)) / max(float(np.max(np.abs(b))), 1e-12))
+
+
+@pytest.fixture
+def tmp_cwd(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
