@@ -16,7 +16,7 @@ import onnx_ir as ir
 from onnx import checker as onnx_checker
 
 from mtc.errors import MtcError
-from mtc.ir.names import fix_names
+from mtc.ir.names import fix_names, name_after_origin
 from mtc.ir.opset import TARGET_OPSET, convert_opset
 from mtc.ir.shapes import infer_shapes
 from mtc.passes.fold import FoldShapes
@@ -197,6 +197,7 @@ def canonicalize_import(
         if not FoldShapes()(model).modified:
             break
         infer_shapes(model, file=file)
+    name_after_origin(model)
     fix_names(model)
     check_shapes(model, file)
     try:

@@ -14,6 +14,7 @@ import onnx_ir as ir
 
 from mtc.errors import MtcError
 from mtc.ir import io
+from mtc.ir.names import ORIGIN_KEY, RENAME_KEY
 from mtc.ir.opset import TARGET_OPSET
 
 
@@ -85,4 +86,38 @@ def load_torch(
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise MtcError(f"torch.onnx.export failed ({exporter}): {first}", file=spec) from None
         model = io.load(out)  # reads external data into memory, so the directory can go
+    _name_from_modules(model)
     return model
+
+
+_SCOPES = "pkg.torch.onnx.name_scopes"
+
+
+def _name_from_modules(model: ir.Model) -> None:
+    """Record the PyTorch module each node came from as ``mtc.origin``; drop exporter metadata.
+
+    The dynamo exporter names nodes after aten ops (``node_conv2d_3``) and attaches module scopes,
+    class names and stack traces with absolute paths (which would make files machine-dependent).
+    We keep the module path only, and mark dynamo-named nodes so that :func:`name_after_origin`
+    renames them once import has folded away the exporter's helper nodes. TorchScript names
+    (``/layers/layers.0/Conv``) are kept; their scope becomes the origin.
+    """
+    import ast
+
+    for node in model.graph:
+        md = node.metadata_props
+        path = ""
+        dynamo = _SCOPES in md
+        if dynamo:
+            try:
+                scopes = ast.literal_eval(md[_SCOPES])
+                path = scopes[-2] if len(scopes) >= 2 else ""
+            except (ValueError, SyntaxError):
+                path = ""
+        elif node.name.startswith("/"):
+            path = node.name.rsplit("/", 1)[0].lstrip("/")
+        md.clear()
+        if path:
+            md[ORIGIN_KEY] = path
+            if dynamo:
+                md[RENAME_KEY] = "1"

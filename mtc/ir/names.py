@@ -8,6 +8,8 @@ from collections import Counter
 import onnx_ir as ir
 
 ORIGIN_KEY = "mtc.origin"
+#: Set by a front end on nodes whose names are machine-made and should follow their origin.
+RENAME_KEY = "mtc.rename"
 
 _SAFE = re.compile(r"[^A-Za-z0-9_.@/:\-]+")
 
@@ -67,3 +69,31 @@ def fix_names(model: ir.Model) -> bool:
 def origin(node: ir.Node) -> str | None:
     """The front-end layer a node came from, if recorded."""
     return node.metadata_props.get(ORIGIN_KEY)
+
+
+def name_after_origin(model: ir.Model) -> bool:
+    """Rename nodes marked with ``mtc.rename`` after their origin (e.g. the PyTorch module path).
+
+    A module that produced one node lends it its path (``layers.0.conv1.0``); several nodes of one
+    module get the op as suffix (``layers.0/relu``, ``layers.0/relu_1``).
+    """
+    nodes = [n for n in model.graph if n.metadata_props.get(RENAME_KEY)]
+    if not nodes:
+        return False
+    per_origin = Counter(n.metadata_props.get(ORIGIN_KEY) for n in model.graph)
+    taken = {n.name for n in model.graph if not n.metadata_props.get(RENAME_KEY)}
+    for n in nodes:
+        o = n.metadata_props[ORIGIN_KEY]
+        base = o if per_origin[o] == 1 else f"{o}/{n.op_type.lower()}"
+        n.name = _unique(base, taken)
+        taken.add(n.name)
+        del n.metadata_props[RENAME_KEY]
+    # Activations follow their producer, so branch points and features read like the model.
+    g = model.graph
+    values = {v.name for v in g.inputs} | set(g.initializers) | {o.name for n in g for o in n.outputs}
+    for n in nodes:
+        if len(n.outputs) == 1 and not n.outputs[0].is_graph_output() and n.name not in values:
+            values.discard(n.outputs[0].name)
+            n.outputs[0].name = n.name
+            values.add(n.name)
+    return True
