@@ -26,6 +26,7 @@ from onnx.reference import ReferenceEvaluator
 
 from mtc.ir.opset import opset_of
 from mtc.passes.base import Pass, PassResult
+from mtc.passes.manager import register_pass
 
 _NO_FOLD = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial",
             "Bernoulli", "Dropout"}
@@ -70,6 +71,7 @@ def _has_sym(a: np.ndarray) -> bool:
     return any(isinstance(x, Sym) for x in a.ravel())
 
 
+@register_pass
 class FoldShapes(Pass):
     """Fold constant subgraphs and partially-known shape arithmetic (see module docstring)."""
 
