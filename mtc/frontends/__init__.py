@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 import onnx_ir as ir
+
 # Aliased: importing the submodule mtc.frontends.onnx rebinds the name `onnx` in this package.
 from onnx import checker as onnx_checker
 

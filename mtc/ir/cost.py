@@ -66,7 +66,7 @@ def node_macs(node: ir.Node) -> int:
         ws = static_dims(w) if w is not None else None
         if w is not None and w.const_value is not None:
             ws = tuple(w.const_value.shape)
-        group = node.attributes["group"].as_int() if "group" in node.attributes else 1
+        # The weight shape already divides by the group count: (C_out, C_in/group, k...).
         if ws is None:
             return 0
         kernel = math.prod(ws[2:])

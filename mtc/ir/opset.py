@@ -44,37 +44,38 @@ def _decompose_newer_ops(model: ir.Model) -> None:
     ``Gelu`` (opset 20; the dynamo exporter emits it for ``F.gelu``) becomes its defining formula:
     ``0.5 x (1 + erf(x / sqrt 2))``, or the tanh approximation when ``approximate="tanh"``.
     """
+    for node in list(model.graph):
+        if node.op_type == "Gelu" and node.domain in ("", "ai.onnx"):
+            _decompose_gelu(model.graph, node)
+
+
+def _decompose_gelu(g: ir.Graph, node: ir.Node) -> None:
     import numpy as np
 
-    g = model.graph
-    for node in list(g):
-        if node.op_type != "Gelu" or node.domain not in ("", "ai.onnx"):
-            continue
-        x = node.inputs[0]
-        approx = node.attributes["approximate"].as_string() if "approximate" in node.attributes else "none"
-        dt = x.dtype.numpy() if x.dtype is not None else np.float32
+    x = node.inputs[0]
+    approx = node.attributes["approximate"].as_string() if "approximate" in node.attributes else "none"
+    dt = x.dtype.numpy() if x.dtype is not None else np.float32
 
-        def c(val: float, tag: str) -> ir.Value:
-            name = f"{node.name}/{tag}"
-            v = ir.Value(name=name, const_value=ir.tensor(np.array(val, dtype=dt), name=name))
-            g.register_initializer(v)
-            return v
+    def c(val: float, tag: str) -> ir.Value:
+        name = f"{node.name}/{tag}"
+        v = ir.Value(name=name, const_value=ir.tensor(np.array(val, dtype=dt), name=name))
+        g.register_initializer(v)
+        return v
 
-        def op(op_type: str, *inputs: ir.Value, tag: str) -> ir.Node:
-            n = ir.node(op_type, list(inputs), name=f"{node.name}/{tag}")
-            n.metadata_props.update(node.metadata_props)
-            g.insert_before(node, n)
-            return n
+    def op(op_type: str, *inputs: ir.Value, tag: str) -> ir.Value:
+        n = ir.node(op_type, list(inputs), name=f"{node.name}/{tag}")
+        n.metadata_props.update(node.metadata_props)
+        g.insert_before(node, n)
+        return n.outputs[0]
 
-        if approx == "tanh":
-            x3 = op("Mul", x, op("Mul", x, x, tag="x2").outputs[0], tag="x3").outputs[0]
-            inner = op("Add", x, op("Mul", x3, c(0.044715, "k"), tag="kx3").outputs[0], tag="inner").outputs[0]
-            t = op("Tanh", op("Mul", inner, c(float(np.sqrt(2 / np.pi)), "s"), tag="scaled").outputs[0], tag="tanh")
-            core = t.outputs[0]
-        else:
-            core = op("Erf", op("Div", x, c(float(np.sqrt(2.0)), "sqrt2"), tag="div").outputs[0], tag="erf").outputs[0]
-        one_plus = op("Add", core, c(1.0, "one"), tag="add").outputs[0]
-        half_x = op("Mul", x, c(0.5, "half"), tag="half_x").outputs[0]
-        out = op("Mul", half_x, one_plus, tag="mul")
-        node.outputs[0].replace_all_uses_with(out.outputs[0], replace_graph_outputs=True)
-        g.remove(node, safe=True)
+    if approx == "tanh":
+        x3 = op("Mul", x, op("Mul", x, x, tag="x2"), tag="x3")
+        inner = op("Add", x, op("Mul", x3, c(0.044715, "k"), tag="kx3"), tag="inner")
+        core = op("Tanh", op("Mul", inner, c(float(np.sqrt(2 / np.pi)), "s"), tag="scaled"), tag="tanh")
+    else:
+        core = op("Erf", op("Div", x, c(float(np.sqrt(2.0)), "sqrt2"), tag="div"), tag="erf")
+    one_plus = op("Add", core, c(1.0, "one"), tag="add")
+    half_x = op("Mul", x, c(0.5, "half"), tag="half_x")
+    out = op("Mul", half_x, one_plus, tag="mul")
+    node.outputs[0].replace_all_uses_with(out, replace_graph_outputs=True)
+    g.remove(node, safe=True)
