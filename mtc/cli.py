@@ -89,14 +89,57 @@ def import_cmd(src: str, out: str | None, input_shape: str | None, opset: int | 
 def inspect_cmd(model: str, as_json: bool, top: int, input_shape: str | None, opset: int | None,
                 exporter: str, seed: int) -> None:
     """Summarise a model: interface, op histogram, parameters, MACs, heaviest nodes, branch points."""
+    from mtc.ir import supergraph as sg
     from mtc.ir.summary import summarize
 
-    m = _import(model, input_shape, opset, exporter, seed)
+    m = _load_any(model, input_shape, opset, exporter, seed)
     s = summarize(m, top=top, source=model)
+    if sg.is_supergraph(m):
+        s["supergraph"] = sg.summarize_supergraph(m)
     if as_json:
         click.echo(json.dumps(s, indent=2))
         return
     _print_summary(s)
+    if "supergraph" in s:
+        _print_supergraph(s["supergraph"])
+
+
+def _load_any(src: str, input_shape: str | None, opset: int | None, exporter: str, seed: int):
+    """A compiled supergraph is read as it is; anything else goes through the import pipeline."""
+    from mtc.ir import io
+    from mtc.ir import supergraph as sg
+
+    if src.endswith(".onnx") and input_shape is None:
+        m = io.load(src)
+        if sg.is_supergraph(m):
+            return m
+    return _import(src, input_shape, opset, exporter, seed)
+
+
+def _print_supergraph(sup: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    con = Console()
+    tasks = ", ".join(f"{t['name']}:{t['kind']}:{t['channels']}" for t in sup["tasks"])
+    ss = sup["search_space"]
+    con.print(f"[bold]supergraph[/bold]: tasks {tasks}; {sup['vcns']} VCNs; search space 3^{ss['choices']} "
+              f"≈ 10^{ss['log10_size']} policies")
+    p = sup["params"]
+    t = Table(title="Parameters by part")
+    for col in ("shared", "task-specific copies", "skips", "heads"):
+        t.add_column(col, justify="right")
+    t.add_row(f"{p['shared']:,}", f"{p['specific']:,}", f"{p['skip']:,}", f"{p['heads']:,}")
+    con.print(t)
+    m = Table(title="MACs per sample")
+    m.add_column("task")
+    m.add_column("all shared", justify="right")
+    m.add_column("all task-specific", justify="right")
+    for name, v in sup["macs"]["per_task"].items():
+        m.add_row(name, f"{v['all_shared']:,}", f"{v['all_specific']:,}")
+    tot = sup["macs"]["total"]
+    m.add_row("[bold]all tasks[/bold]", f"{tot['all_shared']:,}", f"{tot['all_specific']:,}")
+    con.print(m)
 
 
 def _print_summary(s: dict[str, Any]) -> None:
@@ -130,6 +173,56 @@ def _print_summary(s: dict[str, Any]) -> None:
     con.print(heavy)
     bp = s["branch_points"]
     con.print(f"[bold]{bp['count']} candidate branch points[/bold]: " + ", ".join(bp["names"]))
+
+
+@main.command("compile")
+@click.argument("model")
+@click.option("--tasks", "tasks", required=True, metavar="SPEC",
+              help="Tasks as name[:kind][:channels], comma-separated, e.g. seg:seg:13,depth:depth:1.")
+@click.option("-o", "--output", "out", type=click.Path(dir_okay=False), default=None,
+              help="Output supergraph (default: MODEL's stem + .mtc.onnx).")
+@click.option("--feature", default=None, metavar="TENSOR", help="Tensor the heads attach to (default: found).")
+@click.option("--head-width", type=int, default=256, show_default=True, help="ASPP head width (AutoMTL: 1024).")
+@click.option("--per-task-norm", is_flag=True,
+              help="AutoMTL's per-task normalisation in every option (see docs/supergraph.md).")
+@click.option("--passes", default=None, metavar="A,B,..", help="Pass pipeline (default: the full compile).")
+@click.option("--dump-after", "dump_after", multiple=True, metavar="PASS", help="Dump the graph after PASS.")
+@click.option("--dump-dir", type=click.Path(file_okay=False), default=None,
+              help="Directory for ONNX-text dumps (default: OUTPUT's stem + .dump when --dump-after is given).")
+@_input_shape
+@_opset
+@_exporter
+@_seed
+def compile_cmd(model: str, tasks: str, out: str | None, feature: str | None, head_width: int, per_task_norm: bool,
+                passes: str | None, dump_after: tuple[str, ...], dump_dir: str | None, input_shape: str | None,
+                opset: int | None, exporter: str, seed: int) -> None:
+    """Compile a backbone and a task list into a multi-task supergraph (.mtc.onnx)."""
+    import time
+    from pathlib import Path
+
+    from mtc.frontends import default_output
+    from mtc.ir import io
+    from mtc.passes.pipeline import DEFAULT_PIPELINE, compile_supergraph
+    from mtc.tasks import parse_tasks
+
+    task_list = parse_tasks(tasks)  # fail on a bad spec before any import work
+    dst = Path(out) if out else Path(default_output(model).stem + ".mtc.onnx")
+    t0 = time.perf_counter()
+    m = _import(model, input_shape, opset, exporter, seed)
+    t_import = time.perf_counter() - t0
+    if dump_after and dump_dir is None:
+        dump_dir = str(dst.with_suffix("").with_suffix("")) + ".dump"
+    res = compile_supergraph(m, tasks=task_list, feature=feature, head_width=head_width,
+                             per_task_norm=per_task_norm, seed=seed, passes=passes or DEFAULT_PIPELINE,
+                             dump_dir=dump_dir, dump_after=dump_after)
+    click.echo(f"{'import':<16}{t_import * 1000:9.1f} ms")
+    for r in res.records:
+        click.echo(f"{r.name:<16}{r.seconds * 1000:9.1f} ms  {'modified' if r.modified else 'unchanged':<9}"
+                   f"  {r.nodes} nodes")
+    t1 = time.perf_counter()
+    io.save(res.model, dst)
+    click.echo(f"{'save':<16}{(time.perf_counter() - t1) * 1000:9.1f} ms")
+    click.echo(f"wrote {dst}")
 
 
 def _register_optional() -> None:

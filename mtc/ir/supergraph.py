@@ -17,6 +17,7 @@ A supergraph is a valid ONNX model. Its custom constructs are nodes in domain ``
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -62,15 +63,24 @@ def is_supergraph(model: ir.Model) -> bool:
     return model.metadata_props.get(FORMAT_KEY) == FORMAT
 
 
-def tasks_of(model: ir.Model) -> list[TaskSpec]:
-    raw = model.metadata_props.get(TASKS_KEY)
-    if raw is None:
-        raise MtcError("the model has no tasks (compile it with mtc compile --tasks ...)")
-    return [TaskSpec(**t) for t in json.loads(raw)]
+def tasks_json(tasks: Sequence[TaskSpec]) -> str:
+    """The ``mtc.tasks`` metadata: ``[{"name": .., "kind": .., "channels": ..}, ...]`` in task order."""
+    return json.dumps([{"name": t.name, "kind": t.kind, "channels": t.channels} for t in tasks])
 
 
-def set_tasks(model: ir.Model, tasks: list[TaskSpec]) -> None:
-    model.metadata_props[TASKS_KEY] = json.dumps([asdict(t) for t in tasks])
+def tasks_of(model: ir.Model) -> list[TaskSpec] | None:
+    """The tasks recorded in ``model.metadata_props["mtc.tasks"]``, or None if there are none."""
+    text = model.metadata_props.get(TASKS_KEY)
+    if text is None:
+        return None
+    try:
+        return [TaskSpec(str(d["name"]), str(d["kind"]), int(d["channels"])) for d in json.loads(text)]
+    except (ValueError, TypeError, KeyError) as e:
+        raise MtcError(f"metadata '{TASKS_KEY}' is not a task list ({type(e).__name__}: {e})") from None
+
+
+def set_tasks(model: ir.Model, tasks: Sequence[TaskSpec]) -> None:
+    model.metadata_props[TASKS_KEY] = tasks_json(tasks)
 
 
 def vcns_of(model: ir.Model) -> list[VcnRecord]:
@@ -85,3 +95,58 @@ def set_vcns(model: ir.Model, vcns: list[VcnRecord]) -> None:
 def options_of(model: ir.Model) -> dict[str, Any]:
     raw = model.metadata_props.get(OPTIONS_KEY)
     return json.loads(raw) if raw else {}
+
+
+def summarize_supergraph(model: ir.Model) -> dict[str, Any]:
+    """Tasks, VCNs, search-space size, parameters per part and MACs at the sharing extremes.
+
+    MACs are per sample. "All shared" runs one backbone stream plus every head; "all specific"
+    runs one backbone copy per task plus every head (the two ends of the AutoMTL search space).
+    """
+    import math
+
+    from mtc.ir.cost import node_cost
+    from mtc.tasks.heads import TASK_KEY, head_prefix
+
+    tasks = tasks_of(model) or []
+    vcns = vcns_of(model)
+    names = [t.name for t in tasks]
+    head_params = dict.fromkeys(names, 0)
+    head_macs = dict.fromkeys(names, 0)
+    shared_params = shared_macs = 0
+    seen: set[int] = set()
+    from mtc.ir.cost import param_inputs
+
+    for n in model.graph:
+        if n.domain == DOMAIN:
+            continue
+        task = n.metadata_props.get(TASK_KEY)
+        c = node_cost(n)
+        fresh = 0
+        for v in param_inputs(n):
+            if id(v) not in seen:
+                seen.add(id(v))
+                fresh += math.prod(tuple(v.const_value.shape))
+        if task is None:
+            shared_params += fresh
+            shared_macs += c.macs
+        elif n.name.startswith(head_prefix(task) + "/"):
+            head_params[task] += fresh
+            head_macs[task] += c.macs
+    specific = sum(v.params for v in vcns) * len(tasks)
+    skip = sum(v.skip_params for v in vcns) * len(tasks)
+    points = len(vcns) * len(tasks)
+    return {
+        "tasks": [asdict(t) for t in tasks],
+        "vcns": len(vcns),
+        "search_space": {"choices": points, "log10_size": round(points * math.log10(3), 2) if points else 0.0},
+        "params": {"shared": shared_params, "specific": specific, "skip": skip,
+                   "heads": sum(head_params.values()), "heads_per_task": head_params},
+        "macs": {
+            "per_task": {t: {"all_shared": shared_macs + head_macs[t], "all_specific": shared_macs + head_macs[t]}
+                         for t in names},
+            "total": {"all_shared": shared_macs + sum(head_macs.values()),
+                      "all_specific": len(tasks) * shared_macs + sum(head_macs.values())},
+        },
+        "options": options_of(model),
+    }

@@ -28,16 +28,14 @@ from mtc.errors import MtcError
 from mtc.ir.cuts import branch_points, dataflow_graph
 from mtc.ir.names import origin
 from mtc.ir.shapes import dims, format_shape
+from mtc.ir.supergraph import FEATURE_KEY
+from mtc.ir.supergraph import TASKS_KEY as _TASKS_KEY
 from mtc.passes.base import Pass, PassResult
 from mtc.passes.canonicalize import remove_dead
 from mtc.passes.manager import register_pass
 
 __all__ = ["FEATURE_KEY", "CutAtFeature", "find_feature", "is_reduced_map"]
 
-#: ``model.metadata_props`` key naming the feature tensor heads attach to.
-FEATURE_KEY = "mtc.feature"
-#: Written by attach-heads (``mtc.passes.heads.TASKS_KEY``): the graph already carries heads.
-_TASKS_KEY = "mtc.tasks"
 _PASS = "cut-at-feature"
 _ARG = "--feature"
 

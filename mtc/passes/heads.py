@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import numbers
 from collections.abc import Sequence
 
@@ -12,8 +11,8 @@ from mtc.errors import MtcError
 from mtc.ir.names import origin
 from mtc.ir.opset import opset_of
 from mtc.ir.shapes import dims, format_shape
+from mtc.ir.supergraph import FEATURE_KEY, TASKS_KEY, tasks_json, tasks_of
 from mtc.passes.base import Pass, PassResult
-from mtc.passes.feature import FEATURE_KEY
 from mtc.passes.manager import register_pass
 from mtc.tasks.heads import DEFAULT_RATES, DEFAULT_WIDTH, TASK_KEY, build_head, head_prefix
 from mtc.tasks.kinds import get_kind
@@ -21,25 +20,7 @@ from mtc.tasks.spec import TaskSpec, format_tasks, parse_tasks
 
 __all__ = ["TASKS_KEY", "AttachHeads", "tasks_json", "tasks_of"]
 
-#: ``model.metadata_props`` key holding the task list as JSON.
-TASKS_KEY = "mtc.tasks"
 _PASS = "attach-heads"
-
-
-def tasks_json(tasks: Sequence[TaskSpec]) -> str:
-    """The ``mtc.tasks`` metadata: ``[{"name": .., "kind": .., "channels": ..}, ...]`` in task order."""
-    return json.dumps([{"name": t.name, "kind": t.kind, "channels": t.channels} for t in tasks])
-
-
-def tasks_of(model: ir.Model) -> list[TaskSpec] | None:
-    """The tasks recorded in ``model.metadata_props["mtc.tasks"]``, or None if there are none."""
-    text = model.metadata_props.get(TASKS_KEY)
-    if text is None:
-        return None
-    try:
-        return [TaskSpec(str(d["name"]), str(d["kind"]), int(d["channels"])) for d in json.loads(text)]
-    except (ValueError, TypeError, KeyError) as e:
-        raise MtcError(f"metadata '{TASKS_KEY}' is not a task list ({type(e).__name__}: {e})") from None
 
 
 def _positive_int(x: object) -> bool:

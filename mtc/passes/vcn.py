@@ -63,8 +63,7 @@ class Vcn(Pass):
     def requires(self, model: ir.Model) -> None:
         if sg.is_supergraph(model):
             return
-        tasks = sg.tasks_of(model)
-        if not tasks:
+        if not sg.tasks_of(model):
             raise MtcError("no tasks: run attach-heads first", pass_name=self.name)
         if len(model.graph.inputs) != 1:
             raise MtcError(f"expected one graph input, found {len(model.graph.inputs)}", pass_name=self.name)
@@ -76,7 +75,7 @@ class Vcn(Pass):
         if sg.is_supergraph(model):
             return PassResult(model, False)  # already compiled: nothing to rewrite
         self.g = model.graph
-        self.tasks = [t.name for t in sg.tasks_of(model)]
+        self.tasks = [t.name for t in sg.tasks_of(model) or []]
         self.rng = np.random.default_rng(self.seed)
         self.slices: dict[tuple[int, str], ir.Value] = {}
         model.opset_imports[sg.DOMAIN] = sg.DOMAIN_VERSION
