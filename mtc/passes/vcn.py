@@ -129,12 +129,13 @@ class Vcn(Pass):
     def _slice(self, v: ir.Value, task: str) -> ir.Value:
         key = (id(v), task)
         if key not in self.slices:
-            n = ir.node("TaskSlice", [v], domain=sg.DOMAIN, name=f"{v.name}@{task}.slice",
+            # Value names of slices use brackets: `@` names belong to task copies of nodes.
+            n = ir.node("TaskSlice", [v], domain=sg.DOMAIN, name=f"{v.name}[{task}].slice",
                         attributes={"task": ir.AttrString("task", task),
                                     "index": ir.AttrInt64("index", self.tasks.index(task)),
                                     "tasks": ir.AttrInt64("tasks", len(self.tasks))})
             out = n.outputs[0]
-            out.name = f"{v.name}@{task}"
+            out.name = f"{v.name}[{task}]"
             out.dtype = v.dtype
             out.shape = v.shape
             self.g.append(n)
