@@ -102,6 +102,7 @@ def register_op(
 
 def lookup(op_type: str, domain: str = "", version: int | None = None) -> OpSpec | None:
     """The spec for ``op_type`` at opset ``version`` of ``domain`` (the newest when ``None``)."""
+    _ensure_loaded()
     specs = _REGISTRY.get((normalize_domain(domain), op_type))
     if not specs:
         return None
@@ -257,7 +258,9 @@ class BuildNode:
         if not self.has_input(i):
             return None
         info = self.inputs[i]
-        if info.value is not None and isinstance(info.value, np.ndarray) and info.value.dtype != object:
+        if isinstance(info.value, np.ndarray) and info.value.dtype != object:
+            if info.value.dtype.name == "bfloat16":
+                return torch.bfloat16
             return torch.from_numpy(np.empty(0, info.value.dtype)).dtype
         return info.dtype
 
