@@ -150,3 +150,57 @@ def summarize_supergraph(model: ir.Model) -> dict[str, Any]:
         },
         "options": options_of(model),
     }
+
+
+@dataclass
+class Policy:
+    """A discrete sharing policy: for every VCN and task, the option index (0 shared, 1 specific, 2 skip)."""
+
+    choices: dict[str, dict[str, int]]
+
+    @classmethod
+    def uniform(cls, model: ir.Model, option: int | str) -> Policy:
+        idx = OPTIONS.index(option) if isinstance(option, str) else int(option)
+        tasks = [t.name for t in tasks_of(model) or []]
+        return cls({v.name: dict.fromkeys(tasks, idx) for v in vcns_of(model)})
+
+    @classmethod
+    def random(cls, model: ir.Model, seed: int = 0, p: Sequence[float] = (1 / 3, 1 / 3, 1 / 3)) -> Policy:
+        import numpy as np
+
+        rng = np.random.default_rng(seed)
+        tasks = [t.name for t in tasks_of(model) or []]
+        return cls({v.name: {t: int(rng.choice(3, p=list(p))) for t in tasks} for v in vcns_of(model)})
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], *, source: str | None = None) -> Policy:
+        """Read ``{"vcn": {"task": "shared" | "specific" | "skip" | 0 | 1 | 2}}``."""
+        out: dict[str, dict[str, int]] = {}
+        try:
+            for vcn, per_task in data.items():
+                out[vcn] = {t: OPTIONS.index(c) if isinstance(c, str) else int(c) for t, c in per_task.items()}
+        except (ValueError, AttributeError, TypeError) as e:
+            raise MtcError(f"not a policy: {e} (expected {{vcn: {{task: shared|specific|skip}}}})",
+                           file=source) from None
+        return cls(out)
+
+    def to_json(self) -> dict[str, dict[str, str]]:
+        return {v: {t: OPTIONS[c] for t, c in per.items()} for v, per in self.choices.items()}
+
+    def validate(self, model: ir.Model, *, source: str | None = None) -> None:
+        """The policy names exactly the supergraph's VCNs and tasks, with options 0..2."""
+        tasks = [t.name for t in tasks_of(model) or []]
+        vcns = [v.name for v in vcns_of(model)]
+        missing = [v for v in vcns if v not in self.choices]
+        extra = [v for v in self.choices if v not in set(vcns)]
+        if missing or extra:
+            what = f"missing VCN '{missing[0]}'" if missing else f"unknown VCN '{extra[0]}'"
+            raise MtcError(f"policy does not match the supergraph: {what} ({len(vcns)} VCNs expected)", file=source)
+        for v, per in self.choices.items():
+            if sorted(per) != sorted(tasks):
+                raise MtcError(f"policy for VCN '{v}' names tasks {sorted(per)}, the supergraph has {sorted(tasks)}",
+                               file=source)
+            bad = [t for t, c in per.items() if c not in (0, 1, 2)]
+            if bad:
+                raise MtcError(f"policy for VCN '{v}', task '{bad[0]}': option {per[bad[0]]} is not 0, 1 or 2",
+                               file=source)

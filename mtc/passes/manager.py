@@ -16,7 +16,8 @@ from mtc.passes.base import Pass
 #: name -> factory taking the pass's keyword options. Passes register here as they are written.
 REGISTRY: dict[str, Callable[..., Pass]] = {}
 #: modules whose import registers passes
-PASS_MODULES = ("mtc.passes.fold", "mtc.passes.canonicalize", "mtc.passes.feature", "mtc.passes.heads", "mtc.passes.vcn")
+PASS_MODULES = ("mtc.passes.fold", "mtc.passes.canonicalize", "mtc.passes.feature", "mtc.passes.heads", "mtc.passes.vcn",
+                "mtc.passes.specialize")
 
 
 def _load_all() -> None:
