@@ -130,6 +130,7 @@ def supported_ops(domain: str | None = None) -> list[str]:
 def _ensure_loaded() -> None:
     # The built-in ops register themselves on import.
     import mtc.lower.ops  # noqa: F401
+    import mtc.lower.supergraph  # noqa: F401  (the ai.mtc ops)
 
 
 @dataclass(frozen=True)

@@ -99,14 +99,15 @@ class Specialize(Pass):
             if not stacked:
                 continue
             rec = unit_heads.get(node.name)
+            restrict: set[str] | None = None
             if rec is not None:
-                # The shared unit runs only on the groups holding a task that chose it.
-                shared = {t for t, c in self.policy.choices[rec.name].items() if c == 0}
+                # The shared unit runs only on the groups holding a task that chose it, and its
+                # output stands for those tasks only.
+                restrict = {t for t, c in self.policy.choices[rec.name].items() if c == 0}
                 x = node.inputs[0]
-                sel = [i for i, grp in enumerate(groups[id(x)]) if grp & shared]
+                sel = [i for i, grp in enumerate(groups[id(x)]) if grp & restrict]
                 if sel:
                     node.replace_input_with(0, regroup(x, sel, node))
-                    groups[id(node.inputs[0])] = [grp & shared for grp in groups[id(node.inputs[0])]]
             parts = [groups[id(node.inputs[i])] for i in stacked]
             target = _refine(parts, order)
             for i in stacked:
@@ -115,6 +116,8 @@ class Specialize(Pass):
                     idx = [next(k for k, s in enumerate(src) if grp <= s) for grp in target]
                     node.replace_input_with(i, regroup(node.inputs[i], idx, node))
                     groups[id(node.inputs[i])] = target
+            if restrict is not None:
+                target = [grp & restrict for grp in target if grp & restrict] or target
             for out in node.outputs:
                 groups[id(out)] = target
 

@@ -142,8 +142,9 @@ class Vcn(Pass):
             self.slices[key] = out
         return self.slices[key]
 
-    def _copy_param(self, p: ir.Value, name: str, origin_: str | None) -> ir.Value:
-        n = ir.node("CopyOf", [p], domain=sg.DOMAIN, name=f"{name}.copy")
+    def _copy_param(self, p: ir.Value, name: str, origin_: str | None, state: bool = False) -> ir.Value:
+        n = ir.node("CopyOf", [p], domain=sg.DOMAIN, name=f"{name}.copy",
+                    attributes={"buffer": ir.AttrInt64("buffer", int(state))})
         if origin_:
             n.metadata_props[ORIGIN_KEY] = origin_
         out = n.outputs[0]
@@ -159,8 +160,9 @@ class Vcn(Pass):
         names = []
         for node in unit:
             inputs: list[ir.Value | None] = [cur]
-            for v in node.inputs[1:]:
-                inputs.append(self._copy_param(v, f"{v.name}@{suffix}", origin(node)) if _is_param(v) else v)
+            for i, v in enumerate(node.inputs[1:], start=1):
+                state = node.op_type == "BatchNormalization" and i in (3, 4)  # running statistics
+                inputs.append(self._copy_param(v, f"{v.name}@{suffix}", origin(node), state) if _is_param(v) else v)
             c = ir.node(node.op_type, inputs, domain=node.domain, name=f"{node.name}@{suffix}",
                         attributes=dict(node.attributes), num_outputs=1)
             c.metadata_props.update(node.metadata_props)
