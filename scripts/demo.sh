@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The main job on the bundled backbones, on CPU: import every backbone into the mtc IR and inspect it.
-# Later stages (compile -> search -> train -> export) extend this script as they land.
+# The main job on the bundled backbones, on CPU: import -> inspect -> verify the lowering -> compile a
+# multi-task supergraph -> inspect it. Search, train and export extend this as they land.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MTC=.venv/bin/mtc
@@ -8,7 +8,7 @@ OUT=${DEMO_OUT:-demo-out}
 mkdir -p "$OUT"
 export PYTHONWARNINGS=ignore
 
-echo "== mtc $($MTC --version | awk '{print $3}'): import and inspect the bundled backbones =="
+echo "== mtc $($MTC --version | awk '{print $3}'): import every bundled backbone into the mtc IR =="
 for src in backbones/*.onnx backbones/*.prototxt; do
   name=$(basename "${src%.*}")
   $MTC import "$src" -o "$OUT/$name.onnx"
@@ -20,3 +20,12 @@ echo
 $MTC inspect "$OUT/tiny_mobilenetv2.onnx" --top 5
 $MTC inspect "$OUT/deeplab_resnet34.onnx" --json > "$OUT/deeplab_resnet34.inspect.json"
 echo "wrote $OUT/deeplab_resnet34.inspect.json"
+echo
+echo "== the PyTorch lowering against onnxruntime =="
+$MTC verify "$OUT/tiny_resnet.onnx"
+$MTC verify "$OUT/mobilenetv2.onnx"
+echo
+echo "== compile a 3-task supergraph (AutoMTL search space) =="
+$MTC compile backbones/tiny_resnet.onnx --tasks seg:seg:13,depth:depth:1,normal:normal:3 \
+  --head-width 64 -o "$OUT/tiny_resnet.mtc.onnx"
+$MTC inspect "$OUT/tiny_resnet.mtc.onnx" --top 3
