@@ -225,6 +225,74 @@ def compile_cmd(model: str, tasks: str, out: str | None, feature: str | None, he
     click.echo(f"wrote {dst}")
 
 
+@main.command("check")
+@click.argument("model")
+@click.option("--golden", required=True, type=click.Path(dir_okay=False), metavar="FILE.json",
+              help="Golden snapshot to compare with (keys in docs/check.md).")
+@click.option("--update", is_flag=True, help="Write or overwrite the golden with MODEL's snapshot.")
+@click.option("--tasks", "tasks", default=None, metavar="SPEC",
+              help="Compile MODEL (a backbone) for these tasks first, e.g. seg,depth.")
+@click.option("--feature", default=None, metavar="TENSOR", help="With --tasks: tensor the heads attach to.")
+@click.option("--head-width", type=int, default=None, help="With --tasks: ASPP head width (default 256).")
+@click.option("--per-task-norm", is_flag=True, help="With --tasks: AutoMTL's per-task normalisation.")
+@_input_shape
+@_opset
+@_exporter
+@_seed
+def check_cmd(model: str, golden: str, update: bool, tasks: str | None, feature: str | None,
+              head_width: int | None, per_task_norm: bool, input_shape: str | None, opset: int | None,
+              exporter: str, seed: int) -> None:
+    """Compare MODEL's graph snapshot with a golden JSON file: exit 0 if equal, 1 with a diff if not.
+
+    MODEL is a compiled supergraph (.mtc.onnx), a plain model, or, with --tasks, a backbone that is
+    compiled in memory first.
+    """
+    from pathlib import Path
+
+    from mtc import check as chk
+
+    if tasks is None and (feature is not None or head_width is not None or per_task_norm):
+        raise MtcError("--feature, --head-width and --per-task-norm only apply with --tasks")
+    dst = Path(golden)
+    # Read the golden before any compile work, so a missing or broken one fails fast.
+    old: dict[str, Any] | None = None
+    note = ""
+    if not update:
+        old = chk.read_golden(dst)
+    elif dst.exists():
+        try:
+            old = chk.read_golden(dst)
+        except MtcError:
+            note = " (the old file was not a usable golden)"
+    m = chk.load_model(model, tasks=tasks, feature=feature, head_width=256 if head_width is None else head_width,
+                       per_task_norm=per_task_norm, seed=seed, input_shape=input_shape, opset=opset,
+                       exporter=exporter)
+    snap = chk.snapshot(m)
+    diff = chk.compare(old, snap) if old is not None else []
+    if update:
+        if old is None:
+            chk.write_golden(dst, snap)
+            click.echo(f"wrote {dst}: new golden for {model}{note}")
+            return
+        for line in diff:
+            click.echo(f"  {line}")
+        # Rewrite when only the formatting differs too, so goldens stay canonical.
+        if diff or dst.read_text(encoding="utf-8") != chk.dumps_golden(snap):
+            chk.write_golden(dst, snap)
+            click.echo(f"updated {dst}: {len(diff)} difference{'s' if len(diff) != 1 else ''} accepted")
+        else:
+            click.echo(f"{dst} is up to date with {model}")
+        return
+    if not diff:
+        click.echo(f"OK: {model} matches {dst}")
+        return
+    click.echo(f"FAIL: {model} differs from {dst} ({len(diff)} difference{'s' if len(diff) != 1 else ''}):")
+    for line in diff:
+        click.echo(f"  {line}")
+    click.echo("If the change is intended, run the same command with --update and commit the golden file.")
+    sys.exit(1)
+
+
 def _register_optional() -> None:
     # Commands from other subsystems register here as they land; missing ones are skipped so the
     # CLI works during development.
