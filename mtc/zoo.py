@@ -300,8 +300,9 @@ def _init(model: nn.Module, seed: int) -> nn.Module:
             if isinstance(m, nn.BatchNorm2d | nn.LayerNorm):
                 if m.weight is not None:
                     m.weight.copy_(1.0 + 0.2 * torch.randn(m.weight.shape, generator=g))
-                    m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=g))
-            if isinstance(m, nn.BatchNorm2d):
+                    if m.bias is not None:  # LayerNorm(bias=False) has a weight but no bias
+                        m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=g))
+            if isinstance(m, nn.BatchNorm2d) and m.running_mean is not None and m.running_var is not None:
                 m.running_mean.copy_(0.1 * torch.randn(m.running_mean.shape, generator=g))
                 m.running_var.copy_(0.5 + torch.rand(m.running_var.shape, generator=g))
     return model.eval()

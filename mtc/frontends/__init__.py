@@ -151,7 +151,7 @@ def check_inputs(model: ir.Model, file: str) -> None:
         if v.shape is None:
             raise MtcError(f"input '{v.name}' has no shape: pass --input-shape", file=file)
         dims = list(v.shape)
-        fixed = []
+        fixed: list[int | str] = []
         for i, d in enumerate(dims):
             if isinstance(d, int):
                 if d <= 0:

@@ -114,7 +114,7 @@ def _name_from_modules(model: ir.Model) -> None:
                 path = scopes[-2] if len(scopes) >= 2 else ""
             except (ValueError, SyntaxError):
                 path = ""
-        elif node.name.startswith("/"):
+        elif node.name is not None and node.name.startswith("/"):
             path = node.name.rsplit("/", 1)[0].lstrip("/")
         md.clear()
         if path:

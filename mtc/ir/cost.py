@@ -52,9 +52,14 @@ def param_inputs(node: ir.Node) -> list[ir.Value]:
 def _numel(v: ir.Value) -> int:
     t = v.const_value
     if t is not None:
-        return math.prod(tuple(t.shape))
+        return math.prod(t.shape.numpy())  # a tensor's shape is always static
     s = static_dims(v)
     return math.prod(s) if s else 0
+
+
+def _static_dims(v: ir.Value | None) -> tuple[int, ...] | None:
+    """``static_dims`` of an optional input: an absent one has no known shape."""
+    return static_dims(v) if v is not None else None
 
 
 def node_macs(node: ir.Node) -> int:
@@ -63,9 +68,9 @@ def node_macs(node: ir.Node) -> int:
         return 0
     if op in ("Conv", "ConvTranspose"):
         w = node.inputs[1]
-        ws = static_dims(w) if w is not None else None
+        ws = _static_dims(w)
         if w is not None and w.const_value is not None:
-            ws = tuple(w.const_value.shape)
+            ws = tuple(w.const_value.shape.numpy())
         # The weight shape already divides by the group count: (C_out, C_in/group, k...).
         if ws is None:
             return 0
@@ -76,14 +81,14 @@ def node_macs(node: ir.Node) -> int:
                 return 0
             cin_per_group = ws[1]
             return math.prod(y) * cin_per_group * kernel
-        x = static_dims(node.inputs[0])
+        x = _static_dims(node.inputs[0])
         if x is None:
             return 0
         cout_per_group = ws[1]  # ConvTranspose weight is (C_in, C_out / group, k...)
         return math.prod(x) * cout_per_group * kernel
     if op == "Gemm":
-        a = static_dims(node.inputs[0])
-        b = static_dims(node.inputs[1])
+        a = _static_dims(node.inputs[0])
+        b = _static_dims(node.inputs[1])
         if a is None or b is None:
             return 0
         trans_a = node.attributes["transA"].as_int() if "transA" in node.attributes else 0
@@ -92,7 +97,7 @@ def node_macs(node: ir.Node) -> int:
         n = b[0] if trans_b else b[1]
         return m * k * n
     if op == "MatMul":
-        a = static_dims(node.inputs[0])
+        a = _static_dims(node.inputs[0])
         y = static_dims(node.outputs[0])
         if a is None or y is None or not a:
             return 0

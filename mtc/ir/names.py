@@ -81,7 +81,7 @@ def name_after_origin(model: ir.Model) -> bool:
     if not nodes:
         return False
     per_origin = Counter(n.metadata_props.get(ORIGIN_KEY) for n in model.graph)
-    taken = {n.name for n in model.graph if not n.metadata_props.get(RENAME_KEY)}
+    taken: set[str] = {n.name for n in model.graph if n.name is not None and not n.metadata_props.get(RENAME_KEY)}
     for n in nodes:
         o = n.metadata_props[ORIGIN_KEY]
         base = o if per_origin[o] == 1 else f"{o}/{n.op_type.lower()}"

@@ -53,6 +53,8 @@ def _decompose_gelu(g: ir.Graph, node: ir.Node) -> None:
     import numpy as np
 
     x = node.inputs[0]
+    if x is None:
+        raise MtcError("Gelu has no input X", node=node.name, op=node.op_type)
     approx = node.attributes["approximate"].as_string() if "approximate" in node.attributes else "none"
     dt = x.dtype.numpy() if x.dtype is not None else np.float32
 

@@ -26,7 +26,7 @@ def infer_shapes(model: ir.Model, *, file: str | None = None) -> ir.Model:
         infos[vi.name] = vi
     for node in model.graph:
         for out in node.outputs:
-            vi = infos.get(out.name)
+            vi = infos.get(out.name) if out.name is not None else None
             if vi is None or not vi.type.HasField("tensor_type"):
                 continue
             tt = vi.type.tensor_type

@@ -126,11 +126,16 @@ def summarize_supergraph(model: ir.Model) -> dict[str, Any]:
         for v in param_inputs(n):
             if id(v) not in seen:
                 seen.add(id(v))
-                fresh += math.prod(tuple(v.const_value.shape))
+                t = v.const_value
+                assert t is not None  # param_inputs only returns initializers that hold a tensor
+                fresh += math.prod(t.shape.numpy())
         if task is None:
             shared_params += fresh
             shared_macs += c.macs
-        elif n.name.startswith(head_prefix(task) + "/"):
+        else:
+            assert n.name is not None  # verify() guarantees every node is named
+            if not n.name.startswith(head_prefix(task) + "/"):
+                continue
             head_params[task] += fresh
             head_macs[task] += c.macs
     specific = sum(v.params for v in vcns) * len(tasks)

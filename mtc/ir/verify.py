@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import NoReturn
+
 import onnx_ir as ir
 
 from mtc.errors import MtcError
@@ -17,7 +19,7 @@ def verify(model: ir.Model, *, pass_name: str | None = None, allow_dead: bool = 
     """
     g = model.graph
 
-    def fail(msg: str, node: ir.Node | None = None) -> None:
+    def fail(msg: str, node: ir.Node | None = None) -> NoReturn:
         raise MtcError(
             msg,
             pass_name=pass_name,
@@ -54,13 +56,13 @@ def verify(model: ir.Model, *, pass_name: str | None = None, allow_dead: bool = 
         if node.name in node_names:
             fail("node name is not unique", node)
         node_names.add(node.name)
-        for i, v in enumerate(node.inputs):
-            if v is None:
+        for i, inp in enumerate(node.inputs):
+            if inp is None:
                 continue
-            if id(v) not in defined:
-                producer = v.producer()
+            if id(inp) not in defined:
+                producer = inp.producer()
                 where = f" (it is produced later by '{producer.name}')" if producer is not None else ""
-                fail(f"input {i} '{v.name}' is used before it is defined{where}", node)
+                fail(f"input {i} '{inp.name}' is used before it is defined{where}", node)
         for out in node.outputs:
             if out.producer() is not node:
                 fail(f"output '{out.name}' has another producer", node)

@@ -102,9 +102,14 @@ class FoldShapes(Pass):
                 changed = True
                 continue
             consts = [_const(v) if v is not None else None for v in node.inputs]
-            if node.op_type == "CastLike" and consts[0] is not None and node.inputs[1].dtype is not None:
+            if (
+                node.op_type == "CastLike"
+                and consts[0] is not None
+                and (target := node.inputs[1]) is not None
+                and target.dtype is not None
+            ):
                 # Only the second input's type matters, which is known at import.
-                dtype = node.inputs[1].dtype.numpy()
+                dtype = target.dtype.numpy()
                 self._replace_with_constants(g, node, [consts[0].astype(dtype)])
                 changed = True
                 continue
@@ -195,16 +200,18 @@ class FoldShapes(Pass):
                 return np.take(a, idx.astype(np.int64), axis=0)
             if op == "Slice":
                 a = arg(0)
-                if a is None or a.ndim != 1 or any(c is None for c in consts[1:3]):
+                starts, ends = consts[1], consts[2]
+                if a is None or a.ndim != 1 or starts is None or ends is None:
                     return None
-                st, en = int(consts[1][0]), int(consts[2][0])
+                st, en = int(starts[0]), int(ends[0])
                 step = int(consts[4][0]) if len(consts) > 4 and consts[4] is not None else 1
                 return a[slice(st, min(en, len(a)) if en >= 0 else en, step)]
             if op == "Concat":
                 parts = [arg(i) for i in range(len(node.inputs))]
-                if any(p is None for p in parts):
+                known_parts = [p for p in parts if p is not None]
+                if len(known_parts) != len(parts):
                     return None
-                return np.concatenate([np.atleast_1d(p) for p in parts])
+                return np.concatenate([np.atleast_1d(p) for p in known_parts])
             if op == "Reshape":
                 a, shp = arg(0), consts[1]
                 if a is None or shp is None or 0 in shp.tolist():
@@ -294,7 +301,9 @@ class FoldShapes(Pass):
         for out, val in zip(node.outputs, values, strict=False):
             if not out.uses() and not out.is_graph_output():
                 continue
-            const = _initializer(g, out.name + "_folded" if out.is_graph_output() else out.name + "_c", val)
+            name = out.name
+            assert name is not None  # onnx_ir names every value once its node is in a graph
+            const = _initializer(g, name + "_folded" if out.is_graph_output() else name + "_c", val)
             const.shape = ir.Shape(val.shape)
             if out.is_graph_output():
                 # A graph output must stay produced by a node: keep an Identity in its place.

@@ -26,7 +26,7 @@ def compile_supergraph(
     dump_after: Sequence[str] = (),
 ) -> PipelineResult:
     """Run the compile pipeline on an imported backbone (in place) and return the pass records."""
-    options = {
+    options: dict[str, dict[str, Any]] = {
         "cut-at-feature": {"feature": feature},
         "attach-heads": {"tasks": tasks, "width": head_width, "seed": seed},
         "vcn": {"per_task_norm": per_task_norm, "seed": seed},
