@@ -39,6 +39,17 @@ class GateState:
     tau: float = 5.0
     hard: bool = False
     weights: dict[str, torch.Tensor] = field(default_factory=dict)  # last sampled per VCN, for inspection
+    # One Gumbel-softmax call per forward pass for all VCNs with the same task count (many tiny
+    # calls per gate cost more than the mixing itself on small nets).
+    order: list[str] = field(default_factory=list)
+    fresh: bool = True
+    sampled: torch.Tensor | None = None
+
+    def sample(self, logits: list[torch.Tensor]) -> torch.Tensor:
+        if self.fresh or self.sampled is None:
+            self.sampled = F.gumbel_softmax(torch.stack(logits), tau=self.tau, hard=self.hard, dim=-1)
+            self.fresh = False
+        return self.sampled
 
 
 def _state(module: Any) -> GateState:
@@ -104,6 +115,50 @@ def _unstack(node: BuildNode) -> Kernel:
     return lambda x: x.view(t, -1, *x.shape[1:]).unbind(0)
 
 
+@register_op("TaskConv", domain=sg.DOMAIN, foldable=False, shape_probe=False)
+def _task_conv(node: BuildNode) -> Kernel:
+    """T task-specific copies of a 2-d Conv (+ BatchNormalization) as one grouped convolution.
+
+    Inputs: the stacked input ``[T*N, C, H, W]``, then T weights, then (if ``has_bn``) T scales, T
+    biases, T running means, T running variances. The streams move into channel blocks
+    (``[N, T*C, H, W]``), one convolution with ``T * group`` groups computes every copy, and one
+    batch norm over ``T * C_out`` channels normalises each task's block with its own statistics.
+    """
+    T = int(node.attr("tasks"))
+    groups = int(node.attr("group", 1)) * T
+    strides = tuple(int(v) for v in node.attr("strides"))
+    pads = tuple(int(v) for v in node.attr("pads"))
+    dil = tuple(int(v) for v in node.attr("dilations"))
+    has_bn = bool(node.attr("has_bn", 0))
+    eps = float(node.attr("epsilon", 1e-5))
+    torch_momentum = 1.0 - float(node.attr("momentum", 0.9))
+    node.weight(*range(1, 1 + T))
+    if has_bn:
+        node.weight(*range(1 + T, 1 + 3 * T))
+        node.buffer(*range(1 + 3 * T, 1 + 5 * T))
+    module = node.module
+
+    def task_conv(x: torch.Tensor, *p: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0] // T
+        xc = x.view(T, n, *x.shape[1:]).transpose(0, 1).reshape(n, T * x.shape[1], *x.shape[2:])
+        y = F.conv2d(xc, torch.cat(p[:T]), None, strides, pads, dil, groups)
+        if has_bn:
+            means, variances = p[3 * T:4 * T], p[4 * T:5 * T]
+            rm, rv = torch.cat(means), torch.cat(variances)
+            y = F.batch_norm(y, rm, rv, torch.cat(p[T:2 * T]), torch.cat(p[2 * T:3 * T]),
+                             module.training, torch_momentum, eps)
+            if module.training:
+                with torch.no_grad():  # the per-task buffers keep the updated statistics
+                    for buf, new in zip(means, rm.chunk(T), strict=True):
+                        buf.copy_(new)
+                    for buf, new in zip(variances, rv.chunk(T), strict=True):
+                        buf.copy_(new)
+        c = y.shape[1] // T
+        return y.view(n, T, c, *y.shape[2:]).transpose(0, 1).reshape(T * n, c, *y.shape[2:])
+
+    return task_conv
+
+
 @register_op("Gate", domain=sg.DOMAIN, foldable=False, shape_probe=False)
 def _gate(node: BuildNode) -> Kernel:
     tasks = list(node.attr("tasks"))
@@ -111,22 +166,39 @@ def _gate(node: BuildNode) -> Kernel:
     vcn = str(node.attr("vcn"))
     # After _prepare_search, the shared option may come in as the stacked tensor itself.
     stacked = bool(node.attr("stacked_shared", 0))
+    stacked_spec = bool(node.attr("stacked_specific", 0))
     stacked_skip = bool(node.attr("stacked_skip", 0))
     n_shared = 1 if stacked else T
+    n_spec = 1 if stacked_spec else T
     n_skip = 1 if stacked_skip else T
-    node.weight(n_shared + T + n_skip)  # the policy logits train
+    node.weight(n_shared + n_spec + n_skip)  # the policy logits train
     state = _state(node.module)
     third = 1.0 / 3.0
+    module = node.module
+    logits_name = node.inputs[-1].name
+    position = len(state.order)
+    state.order.append(logits_name)
+    cache: list[list[torch.Tensor]] = []
+
+    def all_logits() -> list[torch.Tensor]:
+        # Resolved on first use: parameters exist only once the module is built.
+        if not cache:
+            inits = module.named_initializers()
+            cache.append([inits[n] for n in state.order])
+        return cache[0]
+
+    def as_stack(xs: tuple[torch.Tensor, ...], is_stacked: bool) -> torch.Tensor:
+        return xs[0].view(T, -1, *xs[0].shape[1:]) if is_stacked else torch.stack(xs)
 
     def gate(*args: torch.Tensor) -> torch.Tensor:
-        opts, logits = args[:-1], args[-1]
-        specific = torch.stack(opts[n_shared:n_shared + T])
-        skip = opts[-1].view(specific.shape) if stacked_skip else torch.stack(opts[n_shared + T:])
-        shared = opts[0].view(specific.shape) if stacked else torch.stack(opts[:T])
+        opts = args[:-1]  # the logits (last) are sampled for all gates at once by state.sample
+        shared = as_stack(opts[:n_shared], stacked)
+        specific = as_stack(opts[n_shared:n_shared + n_spec], stacked_spec)
+        skip = as_stack(opts[n_shared + n_spec:], stacked_skip)
         if state.mode == "warmup":
             out = (shared + specific + skip) * third
         elif state.mode == "gumbel":
-            w = F.gumbel_softmax(logits, tau=state.tau, hard=state.hard, dim=-1)
+            w = state.sample(all_logits())[position]
             state.weights[vcn] = w.detach()
             shape = (T,) + (1,) * (shared.dim() - 1)
             # two fused multiply-adds instead of three products and two sums
@@ -159,8 +231,13 @@ def lower_supergraph(
     tau: float = 5.0,
     hard: bool = False,
     device: torch.device | str | None = None,
+    batch_copies: bool = True,
 ) -> GraphModule:
-    """Lower a supergraph in ``mode``; ``fixed`` needs ``policy`` and specialises a clone first."""
+    """Lower a supergraph in ``mode``; ``fixed`` needs ``policy`` and specialises a clone first.
+
+    In the search modes, ``batch_copies`` runs each VCN's task-specific copies (and down-sampling
+    skips) as one grouped convolution instead of one convolution per task.
+    """
     if not sg.is_supergraph(model):
         raise MtcError("not a supergraph: compile the backbone with mtc compile first")
     if mode not in MODES:
@@ -174,9 +251,15 @@ def lower_supergraph(
         Specialize(policy=policy)(model)
         return lower(model, device=device)
     model = model.clone()
-    _prepare_search(model)
+    _prepare_search(model, batch_copies=batch_copies)
     module = lower(model, device=device)
     set_mode(module, mode, tau=tau, hard=hard)
+    state = _state(module)
+
+    def new_pass(_mod: Any, _args: Any) -> None:
+        state.fresh = True
+
+    module.register_forward_pre_hook(new_pass)
     return module
 
 
@@ -195,7 +278,67 @@ def _unstacked_source(values: list[ir.Value | None]) -> ir.Value | None:
     return producer.inputs[0]
 
 
-def _prepare_search(model: ir.Model) -> None:
+def _batch_copies(g: ir.Graph, outs: list[ir.Value | None]) -> ir.Value | None:
+    """Replace T per-task ``Conv [+ BatchNormalization]`` chains on one tensor's Unstack outputs
+    by one ``TaskConv``; returns its stacked output, or None when the chains do not match."""
+    chains: list[tuple[ir.Node, ir.Node | None]] = []
+    for v in outs:
+        last = v.producer() if v is not None else None
+        if last is None:
+            return None
+        bn = last if last.op_type == "BatchNormalization" and last.domain == "" else None
+        conv = bn.inputs[0].producer() if bn is not None and bn.inputs[0] is not None else last
+        if conv is None or conv.op_type != "Conv" or conv.domain != "" or len(conv.inputs) != 2:
+            return None
+        if bn is not None and (len(bn.outputs) != 1 or len(bn.inputs) != 5):
+            return None
+        chains.append((conv, bn))
+    src = _unstacked_source([c.inputs[0] for c, _ in chains])
+    if src is None or src.shape is None or len(src.shape) != 4:
+        return None
+    ref_conv, ref_bn = chains[0]
+
+    def attrs_of(n: ir.Node | None) -> dict[str, Any]:
+        return {} if n is None else {k: a.value for k, a in n.attributes.items()}
+
+    ca, ba = attrs_of(ref_conv), attrs_of(ref_bn)
+    for conv, bn in chains:
+        if attrs_of(conv) != ca or attrs_of(bn) != ba or (bn is None) != (ref_bn is None):
+            return None
+        if any(len(list(o.uses())) != 1 for o in conv.outputs):
+            return None
+    if str(ca.get("auto_pad", "NOTSET")) != "NOTSET":
+        return None
+    pads = [int(p) for p in ca.get("pads", [0, 0, 0, 0])]
+    if pads[:2] != pads[2:]:
+        return None
+    t = len(chains)
+    inputs: list[ir.Value | None] = [src] + [c.inputs[1] for c, _ in chains]
+    attributes: dict[str, Any] = {
+        "tasks": ir.AttrInt64("tasks", t),
+        "group": ir.AttrInt64("group", int(ca.get("group", 1))),
+        "strides": ir.AttrInt64s("strides", [int(x) for x in ca.get("strides", [1, 1])]),
+        "pads": ir.AttrInt64s("pads", pads[:2]),
+        "dilations": ir.AttrInt64s("dilations", [int(x) for x in ca.get("dilations", [1, 1])]),
+        "has_bn": ir.AttrInt64("has_bn", int(ref_bn is not None)),
+    }
+    if ref_bn is not None:
+        if int(ba.get("training_mode", 0)):
+            return None
+        for k in range(1, 5):
+            inputs += [bn.inputs[k] for _, bn in chains if bn is not None]
+        attributes["epsilon"] = ir.AttrFloat32("epsilon", float(ba.get("epsilon", 1e-5)))
+        attributes["momentum"] = ir.AttrFloat32("momentum", float(ba.get("momentum", 0.9)))
+    last = chains[-1][1] or chains[-1][0]
+    node = ir.node("TaskConv", inputs, domain=sg.DOMAIN, name=f"{ref_conv.name}.batched", attributes=attributes)
+    out = node.outputs[0]
+    out.name = f"{ref_conv.name}.batched"
+    out.dtype = src.dtype
+    g.insert_after(last, node)
+    return out
+
+
+def _prepare_search(model: ir.Model, *, batch_copies: bool = True) -> None:
     """Lowering-only rewrites for the search modes (the file keeps the simple per-task form).
 
     All T slices of one stacked tensor become one ``Unstack``; a Gate whose shared options are
@@ -235,18 +378,20 @@ def _prepare_search(model: ir.Model) -> None:
             continue
         t = len(gate.attributes["tasks"].as_strings())
         shared_src = _unstacked_source(list(gate.inputs[:t]))
+        spec_src = _batch_copies(g, list(gate.inputs[t:2 * t])) if batch_copies else None
         skip_src = _unstacked_source([_through_identity(v) for v in gate.inputs[2 * t:3 * t]])
-        if shared_src is None and skip_src is None:
+        if skip_src is None and batch_copies:
+            skip_src = _batch_copies(g, list(gate.inputs[2 * t:3 * t]))
+        if shared_src is None and spec_src is None and skip_src is None:
             continue
         attrs = dict(gate.attributes)
         inputs = list(gate.inputs[:t]) if shared_src is None else [shared_src]
-        inputs += list(gate.inputs[t:2 * t])
+        inputs += list(gate.inputs[t:2 * t]) if spec_src is None else [spec_src]
         inputs += list(gate.inputs[2 * t:3 * t]) if skip_src is None else [skip_src]
         inputs.append(gate.inputs[3 * t])
-        if shared_src is not None:
-            attrs["stacked_shared"] = ir.AttrInt64("stacked_shared", 1)
-        if skip_src is not None:
-            attrs["stacked_skip"] = ir.AttrInt64("stacked_skip", 1)
+        for key, src in (("stacked_shared", shared_src), ("stacked_specific", spec_src), ("stacked_skip", skip_src)):
+            if src is not None:
+                attrs[key] = ir.AttrInt64(key, 1)
         new_gate = ir.node("Gate", inputs, domain=sg.DOMAIN, name=gate.name, attributes=attrs)
         out = gate.outputs[0]
         new_out = new_gate.outputs[0]

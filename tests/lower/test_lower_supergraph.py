@@ -181,3 +181,33 @@ def test_fixed_needs_matching_policy():
     bad = sg.Policy({"nope": {"t1": 0}})
     with pytest.raises(MtcError, match="policy does not match the supergraph"):
         lower_supergraph(model, mode="fixed", policy=bad)
+
+
+def test_batched_copies_equal_per_task_copies_and_keep_running_stats():
+    model = _compiled()
+    a = lower_supergraph(model, mode="gumbel", tau=1.0, batch_copies=True)
+    b = lower_supergraph(model, mode="gumbel", tau=1.0, batch_copies=False)
+    ops_a = [type_ for type_ in (n.op_type for n in a.model.graph)]
+    assert ops_a.count("TaskConv") >= 3  # the specific copies and the down-sampling skips
+    assert "TaskConv" not in [n.op_type for n in b.model.graph]
+    b.load_state_dict(a.state_dict(), strict=False)
+    for name, t in b.named_initializers().items():
+        t.data.copy_(a.named_initializers()[name].data)
+    for k, attr in a.mtc_copies.items():
+        getattr(b, b.mtc_copies[k]).data.copy_(getattr(a, attr).data)
+    x = torch.randn(4, 2, 6, 6)
+    for mod in (a, b):
+        mod.train()
+        set_mode(mod, "warmup")
+        for _ in range(2):
+            loss = sum((o ** 2).mean() for o in mod(x))
+            loss.backward()
+    for k in a.mtc_copies:
+        ta, tb = getattr(a, a.mtc_copies[k]), getattr(b, b.mtc_copies[k])
+        torch.testing.assert_close(ta, tb)  # running statistics updated alike
+        if ta.grad is not None:
+            torch.testing.assert_close(ta.grad, tb.grad, rtol=1e-4, atol=1e-6)
+    a.eval()
+    b.eval()
+    for oa, ob in zip(a(x), b(x), strict=True):
+        torch.testing.assert_close(oa, ob, rtol=1e-5, atol=1e-6)
