@@ -20,6 +20,9 @@ from mtc.passes.vcn import Vcn
 
 TASKS = {1: "seg", 2: "seg,depth", 3: "seg,depth,normal", 5: "seg,depth,normal,edge,keypoint"}
 SMALL = sorted(p.name for p in BACKBONES.glob("*.onnx")) + ["mobilenetv2.prototxt"]
+# 224x224 ResNet-34 / MNASNet: a few seconds each (checker and proto comparison of ~200 MB), so slow.
+BIG = [pytest.param(n, marks=pytest.mark.slow)
+       for n in ("deeplab_resnet34.prototxt", "deeplab_resnet34_adashare.prototxt", "mnasnet.prototxt")]
 
 
 def _compile(name: str, n: int, **kw) -> ir.Model:
@@ -29,7 +32,7 @@ def _compile(name: str, n: int, **kw) -> ir.Model:
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 5])
-@pytest.mark.parametrize("name", SMALL)
+@pytest.mark.parametrize("name", SMALL + BIG)
 def test_compiles_checks_and_round_trips(tmp_path, name, n):
     m = _compile(name, n)
     verify(m)
