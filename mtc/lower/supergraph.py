@@ -175,6 +175,7 @@ def _gate(node: BuildNode) -> Kernel:
     state = _state(node.module)
     third = 1.0 / 3.0
     module = node.module
+    assert isinstance(module, GraphModule)  # GraphModule builds its nodes with module=self
     logits_name = node.inputs[-1].name
     position = len(state.order)
     state.order.append(logits_name)
@@ -313,7 +314,7 @@ def _batch_copies(g: ir.Graph, outs: list[ir.Value | None]) -> ir.Value | None:
     if pads[:2] != pads[2:]:
         return None
     t = len(chains)
-    inputs: list[ir.Value | None] = [src] + [c.inputs[1] for c, _ in chains]
+    inputs: list[ir.Value | None] = [src, *(c.inputs[1] for c, _ in chains)]
     attributes: dict[str, Any] = {
         "tasks": ir.AttrInt64("tasks", t),
         "group": ir.AttrInt64("group", int(ca.get("group", 1))),
@@ -333,7 +334,8 @@ def _batch_copies(g: ir.Graph, outs: list[ir.Value | None]) -> ir.Value | None:
     node = ir.node("TaskConv", inputs, domain=sg.DOMAIN, name=f"{ref_conv.name}.batched", attributes=attributes)
     out = node.outputs[0]
     out.name = f"{ref_conv.name}.batched"
-    out.dtype = src.dtype
+    if src.dtype is not None:
+        out.dtype = src.dtype
     g.insert_after(last, node)
     return out
 
@@ -368,7 +370,9 @@ def _prepare_search(model: ir.Model, *, batch_copies: bool = True) -> None:
         for i in range(t):
             old = by_index[i].outputs[0]
             new = u.outputs[i]
-            new.name, new.dtype, new.shape = old.name, old.dtype, old.shape
+            new.name, new.shape = old.name, old.shape
+            if old.dtype is not None:
+                new.dtype = old.dtype
             old.name = None
             old.replace_all_uses_with(new)
             g.remove(by_index[i], safe=True)
@@ -385,20 +389,22 @@ def _prepare_search(model: ir.Model, *, batch_copies: bool = True) -> None:
         if shared_src is None and spec_src is None and skip_src is None:
             continue
         attrs = dict(gate.attributes)
-        inputs = list(gate.inputs[:t]) if shared_src is None else [shared_src]
+        inputs: list[ir.Value | None] = list(gate.inputs[:t]) if shared_src is None else [shared_src]
         inputs += list(gate.inputs[t:2 * t]) if spec_src is None else [spec_src]
         inputs += list(gate.inputs[2 * t:3 * t]) if skip_src is None else [skip_src]
         inputs.append(gate.inputs[3 * t])
-        for key, src in (("stacked_shared", shared_src), ("stacked_specific", spec_src), ("stacked_skip", skip_src)):
+        for flag, src in (("stacked_shared", shared_src), ("stacked_specific", spec_src), ("stacked_skip", skip_src)):
             if src is not None:
-                attrs[key] = ir.AttrInt64(key, 1)
+                attrs[flag] = ir.AttrInt64(flag, 1)
         new_gate = ir.node("Gate", inputs, domain=sg.DOMAIN, name=gate.name, attributes=attrs)
         out = gate.outputs[0]
         new_out = new_gate.outputs[0]
         g.insert_before(gate, new_gate)
         name = out.name
         out.name = None
-        new_out.name, new_out.dtype, new_out.shape = name, out.dtype, out.shape
+        new_out.name, new_out.shape = name, out.shape
+        if out.dtype is not None:
+            new_out.dtype = out.dtype
         out.replace_all_uses_with(new_out, replace_graph_outputs=True)
         gate.name = None
         g.remove(gate, safe=True)

@@ -80,15 +80,19 @@ class Specialize(Pass):
                                     "index": ir.AttrInt64s("index", index)})
             out = n.outputs[0]
             out.name = n.name
-            out.dtype, out.shape = x.dtype, x.shape
+            if x.dtype is not None:
+                out.dtype = x.dtype
+            out.shape = x.shape
             g.insert_before(before, n)
             groups[id(out)] = [src[i] for i in index]
             return out
 
         for node in list(g):
+            assert node.name is not None  # onnx_ir names every node a graph holds
             if node.domain == sg.DOMAIN:
                 if node.op_type == "Fork":
                     x = node.inputs[0]
+                    assert x is not None  # the vcn pass forks the graph input
                     groups[id(x)] = [frozenset(order)]
                     node.outputs[0].replace_all_uses_with(x)
                     g.remove(node, safe=True)
@@ -105,16 +109,19 @@ class Specialize(Pass):
                 # output stands for those tasks only.
                 restrict = {t for t, c in self.policy.choices[rec.name].items() if c == 0}
                 x = node.inputs[0]
+                assert x is not None  # a VCN's head reads its activation first (vcn._units)
                 sel = [i for i, grp in enumerate(groups[id(x)]) if grp & restrict]
                 if sel:
                     node.replace_input_with(0, regroup(x, sel, node))
             parts = [groups[id(node.inputs[i])] for i in stacked]
             target = _refine(parts, order)
             for i in stacked:
-                src = groups[id(node.inputs[i])]
+                v = node.inputs[i]
+                assert v is not None  # a stacked input, or the Regroup that replaced it
+                src = groups[id(v)]
                 if src != target:
                     idx = [next(k for k, s in enumerate(src) if grp <= s) for grp in target]
-                    node.replace_input_with(i, regroup(node.inputs[i], idx, node))
+                    node.replace_input_with(i, regroup(v, idx, node))
                     groups[id(node.inputs[i])] = target
             if restrict is not None:
                 target = [grp & restrict for grp in target if grp & restrict] or target
@@ -125,10 +132,11 @@ class Specialize(Pass):
         for node in list(g):
             if node.domain == sg.DOMAIN and node.op_type == "TaskSlice":
                 x = node.inputs[0]
+                assert x is not None  # the vcn pass slices a stacked tensor
                 task = node.attributes["task"].as_string()
                 src = groups[id(x)]
-                idx = next(i for i, grp in enumerate(src) if task in grp)
-                new = regroup(x, [idx], node)
+                pos = next(i for i, grp in enumerate(src) if task in grp)
+                new = regroup(x, [pos], node)
                 node.outputs[0].replace_all_uses_with(new, replace_graph_outputs=True)
                 g.remove(node, safe=True)
         remove_dead(model)
@@ -144,10 +152,16 @@ class Specialize(Pass):
         seen_sources: set[int] = set()
         for i, t in enumerate(order):
             v = gate.inputs[choice[t] * T + i]
+            assert v is not None  # the vcn pass gives a Gate every option of every task
             p = v.producer()
-            if p is not None and p.domain == sg.DOMAIN and p.op_type == "TaskSlice" and id(p.inputs[0]) in groups:
+            if (
+                p is not None
+                and p.domain == sg.DOMAIN
+                and p.op_type == "TaskSlice"
+                and (src := p.inputs[0]) is not None
+                and id(src) in groups
+            ):
                 # A slice of a stacked tensor: take the stacked tensor once, all its groups chose it.
-                src = p.inputs[0]
                 if id(src) not in seen_sources:
                     seen_sources.add(id(src))
                     parts.append(src)
@@ -159,14 +173,18 @@ class Specialize(Pass):
         if len(parts) == 1:
             new = parts[0]
         else:
+            assert gate.name is not None  # onnx_ir names every node a graph holds
             cat = ir.node("Concat", parts, name=gate.name.replace(".gate", ".merge"),
                           attributes={"axis": ir.AttrInt64("axis", 0)})
             new = cat.outputs[0]
-            new.dtype, new.shape = out.dtype, out.shape
+            if out.dtype is not None:
+                new.dtype = out.dtype
+            new.shape = out.shape
             g.insert_before(gate, cat)
         groups[id(new)] = part_groups
         name = out.name
         out.replace_all_uses_with(new, replace_graph_outputs=True)
         g.remove(gate, safe=True)
-        if new.producer() is not None and new.producer().op_type == "Concat":
+        producer = new.producer()
+        if producer is not None and producer.op_type == "Concat":
             new.name = name

@@ -23,6 +23,7 @@ Task heads (nodes tagged ``mtc.task``) read their task's slice of the feature.
 from __future__ import annotations
 
 import math
+from typing import TypeGuard
 
 import numpy as np
 import onnx_ir as ir
@@ -41,12 +42,25 @@ NORMS = {"BatchNormalization", "LayerNormalization", "InstanceNormalization"}
 _FLOATS = {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE}
 
 
-def _is_param(v: ir.Value | None) -> bool:
-    return v is not None and v.is_initializer() and v.const_value is not None and v.const_value.dtype in _FLOATS
+def _param_tensor(v: ir.Value | None) -> ir.TensorProtocol | None:
+    """The floating-point tensor ``v`` holds as an initializer, or None when it is no parameter."""
+    if v is None or not v.is_initializer():
+        return None
+    t = v.const_value
+    return t if t is not None and t.dtype in _FLOATS else None
+
+
+def _is_param(v: ir.Value | None) -> TypeGuard[ir.Value]:
+    return _param_tensor(v) is not None
 
 
 def _has_params(node: ir.Node) -> bool:
-    return any(_is_param(v) and len(v.const_value.shape) > 0 for v in node.inputs[1:])
+    return any((t := _param_tensor(v)) is not None and len(t.shape) > 0 for v in node.inputs[1:])
+
+
+def _node_name(n: ir.Node) -> str:
+    assert n.name is not None  # onnx_ir names every node a graph holds
+    return n.name
 
 
 @register_pass
@@ -100,7 +114,8 @@ class Vcn(Pass):
         fork = ir.node("Fork", [x], domain=sg.DOMAIN, name="fork",
                        attributes={"tasks": ir.AttrStrings("tasks", self.tasks)})
         fork.outputs[0].name = f"{x.name}@fork"
-        fork.outputs[0].dtype = x.dtype
+        if x.dtype is not None:
+            fork.outputs[0].dtype = x.dtype
         fork.outputs[0].shape = x.shape
         self.g.insert_before(next(iter(self.g)), fork)
         for user, idx in uses:
@@ -136,7 +151,8 @@ class Vcn(Pass):
                                     "tasks": ir.AttrInt64("tasks", len(self.tasks))})
             out = n.outputs[0]
             out.name = f"{v.name}[{task}]"
-            out.dtype = v.dtype
+            if v.dtype is not None:
+                out.dtype = v.dtype
             out.shape = v.shape
             self.g.append(n)
             self.slices[key] = out
@@ -147,17 +163,20 @@ class Vcn(Pass):
                     attributes={"buffer": ir.AttrInt64("buffer", int(state))})
         if origin_:
             n.metadata_props[ORIGIN_KEY] = origin_
+        t = _param_tensor(p)
+        assert t is not None  # callers copy only parameters (_is_param)
         out = n.outputs[0]
         out.name = name
-        out.dtype = p.dtype
-        out.shape = ir.Shape(list(p.const_value.shape))
+        if p.dtype is not None:
+            out.dtype = p.dtype
+        out.shape = ir.Shape(t.shape.numpy())  # a tensor's shape is always static
         self.g.append(n)
         return out
 
     def _clone(self, unit: list[ir.Node], x: ir.Value, suffix: str, task: str) -> tuple[ir.Value, list[str]]:
         """A copy of the unit's nodes on ``x`` with CopyOf'd parameters; returns output and names."""
         cur = x
-        names = []
+        names: list[str] = []
         for node in unit:
             inputs: list[ir.Value | None] = [cur]
             for i, v in enumerate(node.inputs[1:], start=1):
@@ -169,9 +188,11 @@ class Vcn(Pass):
             c.metadata_props[TASK_KEY] = task
             out = c.outputs[0]
             out.name = f"{node.outputs[0].name}@{suffix}"
-            out.dtype = node.outputs[0].dtype
+            if node.outputs[0].dtype is not None:
+                out.dtype = node.outputs[0].dtype
             out.shape = node.outputs[0].shape
             self.g.append(c)
+            assert c.name is not None  # the graph keeps the name given above
             names.append(c.name)
             cur = out
         return cur, names
@@ -180,12 +201,15 @@ class Vcn(Pass):
     def _rewrite(self, unit: list[ir.Node], depth: int) -> sg.VcnRecord:
         head, last = unit[0], unit[-1]
         x, y = head.inputs[0], last.outputs[0]
+        assert x is not None  # _units only takes nodes whose first input is an activation
         name = head.name
+        assert name is not None  # onnx_ir names every node a graph holds
         params = sum(node_cost(n).params for n in unit)
         macs = sum(node_cost(n).macs for n in unit)
         uses = list(y.uses())
         was_output = y.is_graph_output()
         y_name = y.name
+        assert x.name is not None and y_name is not None  # onnx_ir names every value a graph holds
 
         norm_shared = self.per_task_norm and len(unit) > 1
         shared, specific, skips = [], [], []
@@ -218,13 +242,16 @@ class Vcn(Pass):
                        attributes={"vcn": ir.AttrString("vcn", name),
                                    "tasks": ir.AttrStrings("tasks", self.tasks),
                                    "depth": ir.AttrInt64("depth", depth)})
-        if origin(head):
-            gate.metadata_props[ORIGIN_KEY] = origin(head)
+        head_origin = origin(head)
+        if head_origin:
+            gate.metadata_props[ORIGIN_KEY] = head_origin
         out = gate.outputs[0]
         out.name = y_name
-        out.dtype = y.dtype
+        if y.dtype is not None:
+            out.dtype = y.dtype
         out.shape = y.shape
         self.g.append(gate)
+        assert gate.name is not None  # the graph keeps the name given above
         for user, idx in uses:
             user.replace_input_with(idx, out)
         if was_output:
@@ -235,7 +262,7 @@ class Vcn(Pass):
             for n in reversed(unit[1:]):
                 self.g.remove(n, safe=True)
         return sg.VcnRecord(
-            name=name, depth=depth, nodes=[n.name for n in unit], input=x.name, output=y_name,
+            name=name, depth=depth, nodes=[_node_name(n) for n in unit], input=x.name, output=y_name,
             gate=gate.name, policy=policy_name, skip=skip_kind, params=params, macs=macs,
             skip_params=skip_params, skip_macs=skip_macs, copies=copies,
         )
@@ -293,7 +320,8 @@ class Vcn(Pass):
     def _finish(self, n: ir.Node, out_name: str, like: ir.Value) -> None:
         out = n.outputs[0]
         out.name = out_name
-        out.dtype = like.dtype
+        if like.dtype is not None:
+            out.dtype = like.dtype
         out.shape = like.shape
         self.g.append(n)
 
@@ -313,9 +341,11 @@ class Vcn(Pass):
             if task is None or n.domain == sg.DOMAIN:
                 continue
             for i, v in enumerate(n.inputs):
-                if v is None or v.producer() is None:
+                if v is None:
                     continue
                 p = v.producer()
+                if p is None:
+                    continue
                 if TASK_KEY in p.metadata_props or (p.domain == sg.DOMAIN and p.op_type in ("TaskSlice", "CopyOf")):
                     continue
                 if v.is_initializer():
