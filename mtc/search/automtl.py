@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -119,3 +120,213 @@ def sharing_fraction(policy: Policy, a: str, b: str) -> float:
     """Fraction of VCNs where tasks ``a`` and ``b`` both choose the shared operator."""
     n = len(policy.choices)
     return sum(1 for per in policy.choices.values() if per[a] == 0 and per[b] == 0) / n if n else math.nan
+
+
+# ------------------------------------------------------------------------------------------------
+# The search driver: pre-train, then policy-train (weights and policy alternately).
+
+
+@dataclass
+class SearchOptions:
+    """Every constant of the search; defaults follow AutoMTL (Table 1, section 5) where it gives one.
+
+    Step counts default to a small CPU budget (the paper used 10,000 + 20,000 iterations).
+    """
+
+    pretrain_steps: int = 200
+    policy_steps: int = 400
+    batch_size: int = 8
+    weight_lr: float = DEFAULTS["weight_lr"]
+    policy_lr: float = DEFAULTS["policy_lr"]
+    lr_decay: float = DEFAULTS["lr_decay"]
+    lr_decay_every: int = int(DEFAULTS["lr_decay_every"])
+    lambda_reg: float = DEFAULTS["lambda_reg"]
+    task_weights: dict[str, float] | None = None
+    tau0: float = DEFAULTS["tau0"]
+    tau_min: float = 0.1
+    tau_decay: float | None = None
+    hard: bool = False
+    policy_fraction: float = 0.5  # the share of the training data kept for the policy (train2)
+    checkpoint_every: int = 50
+    log_every: int = 10
+    seed: int = 0
+    sample: int = 0  # --sample K: draw K policies and keep the best on validation
+    eval_batches: int = 4
+
+
+def run_search(run: Any, model: Any, train: Any, val: Any, opts: SearchOptions, *, device: str = "cpu",
+               resume: bool = False, progress: bool = True, stop_after: int | None = None) -> Policy:
+    """AutoMTL stages 1 and 2 on supergraph ``model``; writes policy.json, plots and checkpoints.
+
+    ``stop_after`` ends the process-equivalent early after that many global steps (tests use it to
+    simulate a kill between checkpoints).
+    """
+    import time
+
+    from mtc.ir import supergraph as sg
+    from mtc.lower.supergraph import lower_supergraph, policy_parameters, set_mode
+    from mtc.train.loop import Batcher, check_finite, evaluate, step_seed, task_losses
+
+    tasks = sg.tasks_of(model) or []
+    names = [t.name for t in tasks]
+    depths = {v.name: v.depth for v in sg.vcns_of(model)}
+    weights = {t: (opts.task_weights or {}).get(t, 1.0) for t in names}
+    module = lower_supergraph(model, mode="warmup", tau=opts.tau0, hard=opts.hard, device=device)
+    logits = policy_parameters(module)
+    logit_ids = {id(p) for p in logits.values()}
+    weight_params = [p for p in module.parameters() if id(p) not in logit_ids]
+    opt_w = torch.optim.Adam(weight_params, lr=opts.weight_lr)
+    opt_p = torch.optim.Adam(list(logits.values()), lr=opts.policy_lr)
+    sched = torch.optim.lr_scheduler.StepLR(opt_w, step_size=opts.lr_decay_every, gamma=opts.lr_decay)
+    tau = TauSchedule(opts.tau0, opts.tau_min, opts.tau_decay, max(1, opts.policy_steps))
+
+    # AutoMTL's train1/train2: the weights and the policy learn from disjoint parts of the data.
+    n = len(train)
+    perm = np.random.default_rng([opts.seed, 7]).permutation(n)
+    cut = max(1, min(n - 1, int(round(n * (1 - opts.policy_fraction)))))
+    from torch.utils.data import Subset
+
+    train1, train2 = Subset(train, perm[:cut].tolist()), Subset(train, perm[cut:].tolist())
+    b_all = Batcher(train, tasks, opts.batch_size, opts.seed, "pretrain")
+    b1 = Batcher(train1, tasks, opts.batch_size, opts.seed, "weights")
+    b2 = Batcher(train2, tasks, opts.batch_size, opts.seed, "policy")
+
+    total = opts.pretrain_steps + opts.policy_steps
+    g = 0  # global step
+    if resume and run.has_checkpoint("search"):
+        state = run.load_checkpoint("search")
+        module.load_state_dict(state["module"])
+        opt_w.load_state_dict(state["opt_w"])
+        opt_p.load_state_dict(state["opt_p"])
+        sched.load_state_dict(state["sched"])
+        g = int(state["step"])
+        run.truncate_log("pretrain" if g <= opts.pretrain_steps else "policy",
+                         g if g <= opts.pretrain_steps else g - opts.pretrain_steps)
+
+    def checkpoint() -> None:
+        run.save_checkpoint("search", {"module": module.state_dict(), "opt_w": opt_w.state_dict(),
+                                       "opt_p": opt_p.state_dict(), "sched": sched.state_dict(), "step": g})
+
+    bar = _progress(progress, total, g)
+    t0 = time.perf_counter()
+    module.train()
+    while g < total:
+        if stop_after is not None and g >= stop_after:
+            if bar is not None:
+                bar.stop()
+            return derive_policy(logits, names)  # simulated kill: nothing more is written
+        torch.manual_seed(step_seed(opts.seed, "search", g))
+        if g < opts.pretrain_steps:
+            stage, s = "pretrain", g
+            set_mode(module, "warmup")
+            images, targets = b_all.batch(s, device)
+            losses = task_losses(module(images), targets, tasks)
+            check_finite(losses, stage, s)
+            loss = sum(weights[k] * v for k, v in losses.items())
+            opt_w.zero_grad(set_to_none=True)
+            loss.backward()
+            opt_w.step()
+            sched.step()
+            record = {"stage": stage, "step": s, "loss": {k: float(v.detach()) for k, v in losses.items()}}
+        else:
+            stage, s = "policy", g - opts.pretrain_steps
+            set_mode(module, "gumbel", tau=tau(s), hard=opts.hard)
+            # weights on train1 (policy frozen) ...
+            images, targets = b1.batch(s, device)
+            losses = task_losses(module(images), targets, tasks)
+            check_finite(losses, stage, s)
+            loss = sum(weights[k] * v for k, v in losses.items())
+            opt_w.zero_grad(set_to_none=True)
+            opt_p.zero_grad(set_to_none=True)
+            loss.backward()
+            opt_w.step()
+            sched.step()
+            # ... then the policy on train2 (weights frozen), with the regulariser of Eq. 3
+            images, targets = b2.batch(s, device)
+            plosses = task_losses(module(images), targets, tasks)
+            check_finite(plosses, stage, s)
+            reg = policy_regularizer(logits, depths)
+            ploss = sum(weights[k] * v for k, v in plosses.items()) + opts.lambda_reg * reg
+            opt_w.zero_grad(set_to_none=True)
+            opt_p.zero_grad(set_to_none=True)
+            ploss.backward()
+            opt_p.step()
+            record = {"stage": stage, "step": s, "tau": tau(s), "reg": float(reg.detach()),
+                      "loss": {k: float(v.detach()) for k, v in losses.items()},
+                      "policy_loss": {k: float(v.detach()) for k, v in plosses.items()}}
+        g += 1
+        if s % opts.log_every == 0 or g == total:
+            record["elapsed_s"] = round(time.perf_counter() - t0, 3)
+            run.log(record)
+        if bar is not None:
+            bar.update(g, stage, record["loss"])
+        if g % opts.checkpoint_every == 0 or g == total:
+            checkpoint()
+    if bar is not None:
+        bar.stop()
+
+    policy = derive_policy(logits, names)
+    if opts.sample > 0:
+        policy = _best_sampled(model, module, logits, names, val, opts, device, policy)
+    _write_policy_outputs(run, logits, names, policy)
+    scores = evaluate(module.eval(), val, tasks, max_batches=opts.eval_batches, device=device)
+    run.log({"stage": "search-end", "step": total, "val": scores})
+    return policy
+
+
+def _best_sampled(model: Any, module: Any, logits: Any, names: list[str], val: Any, opts: SearchOptions,
+                  device: str, mode_policy: Policy) -> Policy:
+    """Draw K policies, score each briefly on validation with the searched weights, keep the best."""
+    from mtc.ir import supergraph as sg
+    from mtc.lower.supergraph import lower_supergraph
+    from mtc.train.loop import evaluate
+
+    tasks = sg.tasks_of(model) or []
+    gen = torch.Generator().manual_seed(opts.seed)
+    candidates = [mode_policy] + [sample_policy(logits, names, gen) for _ in range(opts.sample)]
+    best, best_loss = mode_policy, math.inf
+    trained = module.state_dict()
+    for cand in candidates:
+        fixed = lower_supergraph(model, mode="fixed", policy=cand, device=device)
+        state = fixed.state_dict()
+        fixed.load_state_dict({k: trained[k] for k in state if k in trained and trained[k].shape == state[k].shape},
+                              strict=False)
+        scores = evaluate(fixed, val, tasks, max_batches=opts.eval_batches, device=device)
+        total = sum(s["loss"] for s in scores.values())
+        if total < best_loss:
+            best, best_loss = cand, total
+    return best
+
+
+def _write_policy_outputs(run: Any, logits: Any, names: list[str], policy: Policy) -> None:
+    run.write_json("policy.json", {**policy_json(logits, names, policy), "policy": policy.to_json()})
+    corr = task_correlation(logits, names)
+    run.write_json("task_correlation.json", {"tasks": names, "matrix": np.round(corr, 6).tolist()})
+    try:
+        from mtc.search.plots import plot_correlation, plot_policy
+
+        plot_policy(run.file("policy.png"), logits, names)
+        plot_correlation(run.file("task_correlation.png"), corr, names)
+    except ImportError:  # matplotlib is optional: JSON is always written
+        pass
+
+
+class _Bar:
+    def __init__(self, total: int, start: int) -> None:
+        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.p = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                          TimeRemainingColumn(), transient=False)
+        self.p.start()
+        self.t = self.p.add_task("search", total=total, completed=start)
+
+    def update(self, g: int, stage: str, losses: dict[str, float]) -> None:
+        desc = f"{stage} " + " ".join(f"{k}={v:.3f}" for k, v in losses.items())
+        self.p.update(self.t, completed=g, description=desc)
+
+    def stop(self) -> None:
+        self.p.stop()
+
+
+def _progress(enabled: bool, total: int, start: int) -> _Bar | None:
+    return _Bar(total, start) if enabled else None

@@ -1,0 +1,95 @@
+"""Training-loop pieces shared by search, post-train and baselines.
+
+Batches are a pure function of (seed, stream, step): a resumed run draws exactly the batches and
+Gumbel noise an uninterrupted run would, so it ends in the same state.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from mtc.errors import MtcError
+from mtc.tasks.kinds import get_kind
+from mtc.tasks.losses import collate_batch
+from mtc.tasks.spec import TaskSpec
+
+
+class Batcher:
+    """Deterministic batches from a map-style dataset: step s of stream ``tag`` under ``seed``."""
+
+    def __init__(self, dataset: Any, tasks: Sequence[TaskSpec], batch_size: int, seed: int, tag: str) -> None:
+        if len(dataset) == 0:
+            raise MtcError(f"the {tag} data set is empty", file="--data")
+        self.dataset = dataset
+        self.tasks = list(tasks)
+        self.batch_size = min(batch_size, len(dataset))
+        self.seed = seed
+        self.tag = zlib.crc32(tag.encode())
+
+    def indices(self, step: int) -> np.ndarray:
+        # Each epoch is a fresh permutation; step s reads its slice of the epoch's permutation.
+        per_epoch = max(1, len(self.dataset) // self.batch_size)
+        epoch, k = divmod(step, per_epoch)
+        perm = np.random.default_rng([self.seed, self.tag, epoch]).permutation(len(self.dataset))
+        return perm[k * self.batch_size:(k + 1) * self.batch_size]
+
+    def batch(self, step: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, dict[str, torch.Tensor | None]]:
+        images, targets = collate_batch([self.dataset[int(i)] for i in self.indices(step)], self.tasks)
+        return images.to(device), {k: (v.to(device) if v is not None else None) for k, v in targets.items()}
+
+
+def step_seed(seed: int, stage: str, step: int) -> int:
+    """The torch seed of one step (Gumbel noise, dropout)."""
+    return int(np.random.default_rng([seed, zlib.crc32(stage.encode()), step]).integers(0, 2**62))
+
+
+def task_losses(outputs: Sequence[torch.Tensor], targets: dict[str, torch.Tensor | None],
+                tasks: Sequence[TaskSpec]) -> dict[str, torch.Tensor]:
+    return {t.name: get_kind(t.kind).loss(out, targets.get(t.name)) for t, out in zip(tasks, outputs, strict=True)}
+
+
+def check_finite(losses: dict[str, torch.Tensor], stage: str, step: int) -> None:
+    """A NaN or Inf loss stops the run, naming the task and iteration."""
+    for name, v in losses.items():
+        if not torch.isfinite(v.detach()).all():
+            raise MtcError(
+                f"loss of task '{name}' is {float(v.detach())} at {stage} iteration {step}: stopping; the last "
+                "good checkpoint is kept (lower the learning rate, check the data, then --resume)"
+            )
+
+
+@torch.no_grad()
+def evaluate(module: torch.nn.Module, dataset: Any, tasks: Sequence[TaskSpec], *, batch_size: int = 16,
+             device: torch.device | str = "cpu", max_batches: int | None = None) -> dict[str, dict[str, float]]:
+    """Every task's dataset-level metrics (and mean loss) on ``dataset``, in eval mode."""
+    was = module.training
+    module.eval()
+    kinds = {t.name: get_kind(t.kind) for t in tasks}
+    metrics = {t.name: kinds[t.name].metric(t.channels) for t in tasks}
+    losses = {t.name: kinds[t.name].loss_metric() for t in tasks}
+    n = len(dataset)
+    batches = range(0, n, batch_size)
+    for b, start in enumerate(batches):
+        if max_batches is not None and b >= max_batches:
+            break
+        images, targets = collate_batch([dataset[i] for i in range(start, min(n, start + batch_size))], tasks)
+        outs = module(images.to(device))
+        for t, out in zip(tasks, outs, strict=True):
+            tgt = targets.get(t.name)
+            if tgt is None:
+                continue
+            metrics[t.name].update(out.cpu(), tgt)
+            losses[t.name].update(out.cpu(), tgt)
+    module.train(was)
+    return {t: {**metrics[t].compute(), **losses[t].compute()} for t in metrics}
+
+
+def count_parameters(module: torch.nn.Module, exclude: Sequence[torch.Tensor] = ()) -> int:
+    """Trainable parameters of ``module``, leaving out ``exclude`` (e.g. policy logits)."""
+    skip = {id(t) for t in exclude}
+    return sum(p.numel() for p in module.parameters() if id(p) not in skip)
