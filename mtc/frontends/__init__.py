@@ -135,7 +135,12 @@ def _apply_input_shape(model: ir.Model, shape: Shape, file: str) -> None:
                     f"--input-shape dimension 1 is {s} but input '{v.name}' {_fmt(declared)} has {d} channels",
                     file=file,
                 )
-    v.shape = ir.Shape(list(shape))
+    dims_new: list[int | str] = list(shape)
+    if declared and not isinstance(declared[0], int):
+        # A symbolic batch stays symbolic: `--input-shape 1,3,H,W` fixes the sample shape, and a
+        # graph specialised to batch 1 could not train on batches.
+        dims_new[0] = declared[0].value or BATCH
+    v.shape = ir.Shape(dims_new)
     for node in model.graph:
         for out in node.outputs:
             out.shape = None
