@@ -293,6 +293,158 @@ def check_cmd(model: str, golden: str, update: bool, tasks: str | None, feature:
     sys.exit(1)
 
 
+def _load_supergraph(path: str):
+    from mtc.ir import io
+    from mtc.ir import supergraph as sg
+
+    m = io.load(path)
+    if not sg.is_supergraph(m):
+        raise MtcError("not a supergraph: compile the backbone first (mtc compile --tasks ...)", file=path)
+    return m
+
+
+def _input_chw(model) -> tuple[int, int, int]:
+    dims = list(model.graph.inputs[0].shape)
+    return tuple(int(d) for d in dims[1:])  # type: ignore[return-value]
+
+
+def _task_weights(text: str | None, tasks) -> dict[str, float] | None:
+    if not text:
+        return None
+    out: dict[str, float] = {}
+    names = {t.name for t in tasks}
+    for item in text.split(","):
+        name, _, val = item.partition("=")
+        if name.strip() not in names:
+            raise MtcError(f"--task-weights: '{name.strip()}' is not a task ({', '.join(sorted(names))})")
+        try:
+            out[name.strip()] = float(val)
+        except ValueError:
+            raise MtcError(f"--task-weights: '{item}' needs a number, e.g. seg=5") from None
+    return out
+
+
+@main.command("search")
+@click.argument("supergraph", type=click.Path(dir_okay=False))
+@click.option("--data", "data", required=True, metavar="SPEC", help="scenes, relatedness, digits or pkg.module:factory[?k=v].")
+@click.option("--run-dir", required=True, type=click.Path(file_okay=False), help="Where everything is written.")
+@click.option("--pretrain-steps", type=int, default=200, show_default=True)
+@click.option("--policy-steps", type=int, default=400, show_default=True)
+@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--weight-lr", type=float, default=1e-3, show_default=True, help="AutoMTL Table 1.")
+@click.option("--policy-lr", type=float, default=1e-2, show_default=True, help="AutoMTL Table 1.")
+@click.option("--lambda-reg", type=float, default=1e-3, show_default=True, help="Weight of Eq. 3 (NYUv2 row).")
+@click.option("--task-weights", default=None, metavar="t=w,..", help="λ_i per task (default 1).")
+@click.option("--tau0", type=float, default=5.0, show_default=True, help="Initial Gumbel temperature.")
+@click.option("--hard", is_flag=True, help="Straight-through one-hot Gumbel samples.")
+@click.option("--sample", type=int, default=0, show_default=True,
+              help="Draw K policies and keep the best on validation (default: the most probable policy).")
+@click.option("--checkpoint-every", type=int, default=50, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None, help="Default: cuda when present.")
+@click.option("--resume", is_flag=True, help="Continue the run in --run-dir from its last checkpoint.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def search_cmd(supergraph: str, data: str, run_dir: str, pretrain_steps: int, policy_steps: int, batch_size: int,
+               weight_lr: float, policy_lr: float, lambda_reg: float, task_weights: str | None, tau0: float,
+               hard: bool, sample: int, checkpoint_every: int, seed: int, device: str | None, resume: bool,
+               quiet: bool) -> None:
+    """AutoMTL search: pre-train the supergraph, then train weights and policy alternately."""
+    import shutil
+    from dataclasses import asdict
+
+    from mtc.data import load_data
+    from mtc.ir import supergraph as sg
+    from mtc.search.automtl import SearchOptions, run_search
+    from mtc.train.run import SUPERGRAPH, RunDir, file_digest
+
+    run = RunDir(run_dir)
+    model = _load_supergraph(supergraph)
+    digest = file_digest(supergraph)
+    if run.file("config.json").exists():
+        cfg = run.config()
+        if cfg.get("supergraph_sha256") != digest:
+            raise MtcError("the run directory belongs to a different supergraph (use a new --run-dir)", file=run_dir)
+        if not resume and run.has_checkpoint("search"):
+            raise MtcError("the run directory already holds a search: pass --resume to continue it, or use a new "
+                           "--run-dir", file=run_dir)
+    tasks = sg.tasks_of(model) or []
+    opts = SearchOptions(pretrain_steps=pretrain_steps, policy_steps=policy_steps, batch_size=batch_size,
+                         weight_lr=weight_lr, policy_lr=policy_lr, lambda_reg=lambda_reg,
+                         task_weights=_task_weights(task_weights, tasks), tau0=tau0, hard=hard, sample=sample,
+                         checkpoint_every=checkpoint_every, seed=seed)
+    train, val = load_data(data, tasks, _input_chw(model), seed)
+    dev = device or ("cuda" if _cuda() else "cpu")
+    if not run.file("config.json").exists():
+        run.path.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(supergraph, run.file(SUPERGRAPH))
+        run.write_json("config.json", {"supergraph": SUPERGRAPH, "supergraph_sha256": digest, "data": data,
+                                       "seed": seed, "search": asdict(opts)})
+    policy = run_search(run, model, train, val, opts, device=dev, resume=resume, progress=not quiet)
+    shared = sum(1 for per in policy.choices.values() for c in per.values() if c == 0)
+    total = sum(len(per) for per in policy.choices.values())
+    click.echo(f"policy: {shared}/{total} task-VCN choices shared; wrote {run.file('policy.json')}, "
+               f"{run.file('policy.png')}, {run.file('task_correlation.json')}")
+
+
+@main.command("train")
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("--steps", type=int, default=400, show_default=True)
+@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--lr", type=float, default=1e-3, show_default=True)
+@click.option("--keep-weights", is_flag=True, help="Start from the searched weights instead of re-initialised ones.")
+@click.option("--policy", "policy_file", type=click.Path(dir_okay=False), default=None,
+              help="A policy JSON to train instead of the run's policy.json.")
+@click.option("--checkpoint-every", type=int, default=50, show_default=True)
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None)
+@click.option("--resume", is_flag=True)
+@click.option("--quiet", is_flag=True)
+def train_cmd(run_dir: str, steps: int, batch_size: int, lr: float, keep_weights: bool, policy_file: str | None,
+              checkpoint_every: int, device: str | None, resume: bool, quiet: bool) -> None:
+    """AutoMTL post-train: train the derived model with its policy fixed, then evaluate every task."""
+    import json
+
+    from mtc.data import load_data
+    from mtc.ir import supergraph as sg
+    from mtc.train.posttrain import TrainOptions, run_train
+    from mtc.train.run import SUPERGRAPH, RunDir
+
+    run = RunDir(run_dir)
+    cfg = run.config()
+    model = _load_supergraph(str(run.file(cfg.get("supergraph", SUPERGRAPH))))
+    if policy_file:
+        try:
+            raw = json.loads(open(policy_file).read())
+        except (OSError, json.JSONDecodeError) as e:
+            raise MtcError(f"cannot read the policy: {e}", file=policy_file) from None
+        src = policy_file
+    else:
+        raw = run.read_json("policy.json")
+        src = str(run.file("policy.json"))
+    policy = sg.Policy.from_json(raw.get("policy", raw) if isinstance(raw, dict) else raw, source=src)
+    policy.validate(model, source=src)
+    if not resume and run.has_checkpoint("train"):
+        raise MtcError("the run directory already holds a trained model: pass --resume to continue", file=run_dir)
+    tasks = sg.tasks_of(model) or []
+    seed = int(cfg.get("seed", 0))
+    train, val = load_data(cfg["data"], tasks, _input_chw(model), seed)
+    searched = run.load_checkpoint("search")["module"] if keep_weights else None
+    opts = TrainOptions(steps=steps, batch_size=batch_size, lr=lr, checkpoint_every=checkpoint_every, seed=seed,
+                        keep_weights=keep_weights)
+    dev = device or ("cuda" if _cuda() else "cpu")
+    result = run_train(run, model, policy, train, val, opts, device=dev, resume=resume, progress=not quiet,
+                       searched_state=searched)
+    run.write_json("metrics.json", result)
+    for t, m in result["tasks"].items():
+        click.echo(f"{t}: " + ", ".join(f"{k}={v:.4g}" for k, v in m.items()))
+    click.echo(f"parameters: {result['params']:,}; wrote {run.file('metrics.json')}")
+
+
+def _cuda() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
 def _register_optional() -> None:
     # Commands from other subsystems register here as they land; missing ones are skipped so the
     # CLI works during development.
