@@ -395,11 +395,13 @@ def search_cmd(supergraph: str, data: str, run_dir: str, pretrain_steps: int, po
 @click.option("--policy", "policy_file", type=click.Path(dir_okay=False), default=None,
               help="A policy JSON to train instead of the run's policy.json.")
 @click.option("--checkpoint-every", type=int, default=50, show_default=True)
+@click.option("--baselines", type=click.Path(file_okay=False), default=None,
+              help="A mtc baseline run directory: adds Δt_i and Δt (AutoMTL Eq. 5) to metrics.json.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None)
 @click.option("--resume", is_flag=True)
 @click.option("--quiet", is_flag=True)
 def train_cmd(run_dir: str, steps: int, batch_size: int, lr: float, keep_weights: bool, policy_file: str | None,
-              checkpoint_every: int, device: str | None, resume: bool, quiet: bool) -> None:
+              checkpoint_every: int, baselines: str | None, device: str | None, resume: bool, quiet: bool) -> None:
     """AutoMTL post-train: train the derived model with its policy fixed, then evaluate every task."""
     import json
 
@@ -433,10 +435,83 @@ def train_cmd(run_dir: str, steps: int, batch_size: int, lr: float, keep_weights
     dev = device or ("cuda" if _cuda() else "cpu")
     result = run_train(run, model, policy, train, val, opts, device=dev, resume=resume, progress=not quiet,
                        searched_state=searched)
+    if baselines:
+        from mtc.tasks.kinds import delta_t, relative_performance
+
+        base = RunDir(baselines).read_json("baselines.json")
+        kinds = {t.name: t.kind for t in tasks}
+        try:
+            rel = {t: relative_performance(m, base["single"][t]["tasks"][t], kinds[t])
+                   for t, m in result["tasks"].items()}
+        except KeyError as e:
+            raise MtcError(f"the baselines lack task {e}", file=baselines) from None
+        result["delta_t_i"] = rel
+        result["delta_t"] = delta_t(list(rel.values()))
+        single = sum(base["single"][t]["params"] for t in rel)
+        result["params_pct_of_single_task"] = 100.0 * result["params"] / single
     run.write_json("metrics.json", result)
     for t, m in result["tasks"].items():
         click.echo(f"{t}: " + ", ".join(f"{k}={v:.4g}" for k, v in m.items()))
     click.echo(f"parameters: {result['params']:,}; wrote {run.file('metrics.json')}")
+
+
+@main.command("baseline")
+@click.argument("model")
+@click.option("--tasks", required=True, metavar="SPEC")
+@click.option("--data", "data", required=True, metavar="SPEC")
+@click.option("--run-dir", required=True, type=click.Path(file_okay=False))
+@click.option("--steps", type=int, default=400, show_default=True, help="The same budget as mtc train.")
+@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--lr", type=float, default=1e-3, show_default=True)
+@click.option("--head-width", type=int, default=256, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None)
+@click.option("--quiet", is_flag=True)
+@_input_shape
+def baseline_cmd(model: str, tasks: str, data: str, run_dir: str, steps: int, batch_size: int, lr: float,
+                 head_width: int, seed: int, device: str | None, quiet: bool, input_shape: str | None) -> None:
+    """Train the single-task models and the hard-shared multi-task model (the Δt reference)."""
+    from mtc.data import load_data
+    from mtc.frontends import import_model, parse_input_shape
+    from mtc.tasks import parse_tasks
+    from mtc.train.baseline import run_baselines
+    from mtc.train.posttrain import TrainOptions
+    from mtc.train.run import RunDir
+
+    task_list = parse_tasks(tasks)
+    shape = parse_input_shape(input_shape)
+    probe = import_model(model, input_shape=shape)
+    train, val = load_data(data, task_list, _input_chw(probe), seed)
+    run = RunDir(run_dir)
+    if run.file("baselines.json").exists():
+        raise MtcError("the run directory already holds baselines (use a new --run-dir)", file=run_dir)
+    opts = TrainOptions(steps=steps, batch_size=batch_size, lr=lr, seed=seed)
+    out = run_baselines(model, task_list, train, val, run, opts, input_shape=shape, head_width=head_width,
+                        device=device or ("cuda" if _cuda() else "cpu"), progress=not quiet)
+    click.echo(f"hard-shared: {out['multi']['params']:,} params; single-task: "
+               + ", ".join(f"{t} {r['params']:,}" for t, r in out["single"].items())
+               + f"; wrote {run.file('baselines.json')}")
+
+
+@main.command("report")
+@click.argument("dirs", nargs=-1, required=True, type=click.Path(file_okay=False))
+@click.option("--out", default="report", show_default=True, help="Writes OUT.md and OUT.json.")
+def report_cmd(dirs: tuple[str, ...], out: str) -> None:
+    """Tables 2/3 of AutoMTL: params in % of the single-task models, every metric, Δt_i and Δt."""
+    import json
+
+    from mtc.ir.io import atomic_write
+    from mtc.train.report import build_report, to_markdown
+
+    rep = build_report(list(dirs))
+    md = to_markdown(rep)
+    with atomic_write(out + ".md") as f:
+        f.write(md)
+    with atomic_write(out + ".json") as f:
+        json.dump(rep, f, indent=2)
+        f.write("\n")
+    click.echo(md)
+    click.echo(f"wrote {out}.md and {out}.json")
 
 
 def _cuda() -> bool:

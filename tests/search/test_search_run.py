@@ -129,3 +129,23 @@ def test_run_dir_of_another_supergraph_and_corrupt_checkpoint(tmp_path, supergra
     assert r.returncode == 2 and "corrupt checkpoint" in r.stderr
     r = mtc("train", "run", "--policy", str(tmp_path / "nope.json"), cwd=tmp_path)
     assert r.returncode == 2 and "nope.json" in r.stderr
+
+
+def test_baseline_train_with_delta_and_report(tmp_path, supergraph):
+    args = ["--steps", "4", "--batch-size", "4", "--quiet"]
+    mtc("baseline", str(BACKBONES / "tiny_densenet.onnx"), "--tasks", "a:regress:1,b:class:2", "--head-width", "8",
+        "--input-shape", "1,3,32,32", "--data", "tinydata:factory", "--run-dir", "base", *args, cwd=tmp_path,
+        check=True)
+    base = json.loads((tmp_path / "base" / "baselines.json").read_text())
+    assert set(base["single"]) == {"a", "b"} and base["multi"]["params"] < sum(
+        base["single"][t]["params"] for t in ("a", "b"))
+    mtc("search", str(supergraph), "--data", "tinydata:factory", "--run-dir", "run", *SMALL, cwd=tmp_path, check=True)
+    mtc("train", "run", "--baselines", "base", *args, cwd=tmp_path, check=True)
+    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert set(m["delta_t_i"]) == {"a", "b"}
+    assert m["delta_t"] == pytest.approx(sum(m["delta_t_i"].values()) / 2)
+    r = mtc("report", "base", "run", "--out", "rep", cwd=tmp_path, check=True)
+    rep = json.loads((tmp_path / "rep.json").read_text())
+    assert [row["model"] for row in rep["rows"]] == ["single-task", "multi-task (hard shared)", "mtc (run)"]
+    assert rep["rows"][2]["delta_t"] == pytest.approx(m["delta_t"], abs=0.01)
+    assert "Δt %" in (tmp_path / "rep.md").read_text() and "single-task" in r.stdout
