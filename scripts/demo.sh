@@ -29,3 +29,15 @@ echo "== compile a 3-task supergraph (AutoMTL search space) =="
 $MTC compile backbones/tiny_resnet.onnx --tasks seg:seg:13,depth:depth:1,normal:normal:3 \
   --head-width 64 -o "$OUT/tiny_resnet.mtc.onnx"
 $MTC inspect "$OUT/tiny_resnet.mtc.onnx" --top 3
+echo
+echo "== AutoMTL on generated scenes (seg + depth), CPU: search -> baselines -> train -> report =="
+DATA="scenes?n_train=512&n_val=128"
+$MTC compile backbones/tiny_resnet.onnx --tasks seg:seg:13,depth:depth:1 --head-width 32 -o "$OUT/scenes.mtc.onnx"
+rm -rf "$OUT/search" "$OUT/baselines"
+$MTC search "$OUT/scenes.mtc.onnx" --data "$DATA" --run-dir "$OUT/search" --pretrain-steps 100 --policy-steps 200
+$MTC baseline backbones/tiny_resnet.onnx --tasks seg:seg:13,depth:depth:1 --head-width 32 --data "$DATA" \
+  --run-dir "$OUT/baselines" --steps 300
+$MTC train "$OUT/search" --steps 300 --baselines "$OUT/baselines"
+$MTC report "$OUT/baselines" "$OUT/search" --out "$OUT/report"
+echo
+echo "results: $OUT/report.md, policy heat-map $OUT/search/policy.png, logs $OUT/search/metrics.jsonl"
