@@ -72,18 +72,19 @@ def run_train(run: Any, model: Any, policy: sg.Policy, train: Any, val: Any, opt
         images, targets = batches.batch(step, device)
         losses = task_losses(module(images), targets, tasks)
         check_finite(losses, "train", step)
-        loss = sum(weights[k] * v for k, v in losses.items())
+        loss = torch.stack([weights[k] * v for k, v in losses.items()]).sum()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
-        record = {"stage": "train", "step": step, "loss": {k: float(v.detach()) for k, v in losses.items()}}
+        loss_values = {k: float(v.detach()) for k, v in losses.items()}
+        record: dict[str, Any] = {"stage": "train", "step": step, "loss": loss_values}
         step += 1
         if (step - 1) % opts.log_every == 0 or step == opts.steps:
             record["elapsed_s"] = round(time.perf_counter() - t0, 3)
             run.log(record)
         if bar is not None:
-            bar.update(step, "train", record["loss"])
+            bar.update(step, "train", loss_values)
         if step % opts.checkpoint_every == 0 or step == opts.steps:
             checkpoint()
     if bar is not None:
