@@ -7,6 +7,8 @@ from collections import Counter
 
 import onnx_ir as ir
 
+from mtc.errors import MtcError
+
 ORIGIN_KEY = "mtc.origin"
 #: Set by a front end on nodes whose names are machine-made and should follow their origin.
 RENAME_KEY = "mtc.rename"
@@ -97,3 +99,16 @@ def name_after_origin(model: ir.Model) -> bool:
             n.outputs[0].name = n.name
             values.add(n.name)
     return True
+
+
+def node_error(message: str, node: ir.Node | None = None, *, pass_name: str | None = None,
+               file: str | None = None) -> MtcError:
+    """An :class:`MtcError` naming ``node`` (name, op type, origin) and the pass that found it."""
+    return MtcError(
+        message,
+        file=file,
+        pass_name=pass_name,
+        node=node.name if node is not None else None,
+        op=node.op_type if node is not None else None,
+        origin=origin(node) if node is not None else None,
+    )

@@ -6,8 +6,7 @@ from typing import NoReturn
 
 import onnx_ir as ir
 
-from mtc.errors import MtcError
-from mtc.ir.names import origin
+from mtc.ir.names import node_error
 
 
 def verify(model: ir.Model, *, pass_name: str | None = None, allow_dead: bool = False) -> None:
@@ -20,13 +19,7 @@ def verify(model: ir.Model, *, pass_name: str | None = None, allow_dead: bool = 
     g = model.graph
 
     def fail(msg: str, node: ir.Node | None = None) -> NoReturn:
-        raise MtcError(
-            msg,
-            pass_name=pass_name,
-            node=node.name if node is not None else None,
-            op=node.op_type if node is not None else None,
-            origin=origin(node) if node is not None else None,
-        )
+        raise node_error(msg, node, pass_name=pass_name)
 
     defined: set[int] = set()
     names: dict[str, str] = {}

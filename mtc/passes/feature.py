@@ -26,7 +26,7 @@ import onnx_ir as ir
 
 from mtc.errors import MtcError
 from mtc.ir.cuts import branch_points, dataflow_graph
-from mtc.ir.names import origin
+from mtc.ir.names import node_error
 from mtc.ir.shapes import dims, format_shape
 from mtc.ir.supergraph import FEATURE_KEY
 from mtc.ir.supergraph import TASKS_KEY as _TASKS_KEY
@@ -125,13 +125,7 @@ def _values(model: ir.Model) -> dict[str, ir.Value]:
 
 
 def _fail(msg: str, node: ir.Node | None = None) -> MtcError:
-    return MtcError(
-        msg,
-        pass_name=_PASS,
-        node=node.name if node is not None else None,
-        op=node.op_type if node is not None else None,
-        origin=origin(node) if node is not None else None,
-    )
+    return node_error(msg, node, pass_name=_PASS)
 
 
 def _not_a_cut(model: ir.Model, v: ir.Value, cuts: list[str]) -> MtcError:

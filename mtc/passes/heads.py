@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import onnx_ir as ir
 
 from mtc.errors import MtcError
-from mtc.ir.names import origin
+from mtc.ir.names import node_error
 from mtc.ir.opset import opset_of
 from mtc.ir.shapes import dims, format_shape
 from mtc.ir.supergraph import FEATURE_KEY, TASKS_KEY, tasks_json, tasks_of
@@ -28,13 +28,7 @@ def _positive_int(x: object) -> bool:
 
 
 def _fail(msg: str, node: ir.Node | None = None) -> MtcError:
-    return MtcError(
-        msg,
-        pass_name=_PASS,
-        node=node.name if node is not None else None,
-        op=node.op_type if node is not None else None,
-        origin=origin(node) if node is not None else None,
-    )
+    return node_error(msg, node, pass_name=_PASS)
 
 
 @register_pass
