@@ -514,6 +514,45 @@ def report_cmd(dirs: tuple[str, ...], out: str) -> None:
     click.echo(f"wrote {out}.md and {out}.json")
 
 
+@main.command("export")
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Output folder: <task>.onnx per task and fused.onnx.")
+@click.option("--task", "tasks", multiple=True, metavar="T", help="Export only these tasks (repeatable; default all).")
+@click.option("--fused/--no-fused", default=True, show_default=True, help="Also write fused.onnx (all tasks).")
+@click.option("--fold-bn", is_flag=True, help="Fold BatchNormalization into the preceding Conv.")
+@click.option("--policy", "policy_file", type=click.Path(dir_okay=False), default=None,
+              help="A policy JSON instead of the run's policy.json (it must be the one trained).")
+@click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="onnxruntime execution provider for verification and the report.")
+@click.option("--report/--no-report", default=True, show_default=True,
+              help="Measure and print the deployment report (writes OUT/report.json).")
+@click.option("--repeat", type=int, default=30, show_default=True, help="Timed runs per model in the report.")
+def export_cmd(run_dir: str, out_dir: str, tasks: tuple[str, ...], fused: bool, fold_bn: bool,
+               policy_file: str | None, provider: str, report: bool, repeat: int) -> None:
+    """Export a trained run: one pruned ONNX per task and a fused one, verified in onnxruntime."""
+    from mtc.export.api import VerificationError, export_graphs, load_run, providers, write_verified
+
+    providers(provider)  # a clear message before any work when CUDA is unavailable
+    inputs = load_run(run_dir, policy_file=policy_file)
+    ex = export_graphs(inputs.model, inputs.policy, inputs.weights, tasks=list(tasks) or None, fused=fused,
+                       fold_bn=fold_bn)
+    try:
+        written = write_verified(ex, out_dir, provider=provider)
+    except VerificationError as e:
+        click.echo(f"mtc: verification failed: {e}; no file written", err=True)
+        sys.exit(VerificationError.exit_code)
+    for r in written.values():
+        worst = max(r["diff"].values()) if r["diff"] else 0.0
+        click.echo(f"{r['path']}: verified against the lowering (max relative difference {worst:.2g})")
+    if report:
+        from mtc.export.report import deployment_report, print_report
+
+        rep = deployment_report(inputs.model, ex, out_dir, provider=provider, repeat=repeat)
+        click.echo(print_report(rep))
+        click.echo(f"wrote {rep['path']}")
+
+
 def _cuda() -> bool:
     import torch
 

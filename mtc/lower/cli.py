@@ -54,9 +54,17 @@ def _load_inputs(specs: tuple[str, ...], names: list[str]) -> list[np.ndarray] |
               help="Tolerance relative to each output's scale (max |onnxruntime output|).")
 @click.option("--compile", "use_compile", is_flag=True, help="Also check the module under torch.compile.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random inputs.")
+@click.option("--against", "against", type=click.Path(file_okay=False), default=None, metavar="RUN_DIR",
+              help="Check an exported model against the run's fixed-policy lowering (as mtc export does).")
+@click.option("--task", "task", default=None, metavar="T", help="With --against: compare only this task's output.")
 def verify_cmd(model_path: str, input_specs: tuple[str, ...], atol: float, rtol: float, use_compile: bool,
-               seed: int) -> None:
+               seed: int, against: str | None = None, task: str | None = None) -> None:
     """Run MODEL lowered to PyTorch and in onnxruntime; exit 0 if every output agrees, 1 if not."""
+    if against is not None:
+        _verify_against(model_path, against, task, seed)
+        return
+    if task is not None:
+        raise MtcError("--task only applies with --against RUN_DIR")
     from rich.console import Console
     from rich.table import Table
 
@@ -80,3 +88,17 @@ def verify_cmd(model_path: str, input_specs: tuple[str, ...], atol: float, rtol:
     if not report.ok:
         click.echo("outputs differ beyond tolerance", err=True)
         sys.exit(1)
+
+
+def _verify_against(model_path: str, run_dir: str, task: str | None, seed: int) -> None:
+    from mtc.export.api import VerificationError, verify_against
+
+    if not Path(model_path).is_file():
+        raise MtcError("no such file", file=model_path)
+    try:
+        diffs = verify_against(model_path, run_dir, task=task, seed=seed)
+    except VerificationError as e:
+        click.echo(f"mtc: verification failed: {e}", err=True)
+        sys.exit(1)
+    for name, d in diffs.items():
+        click.echo(f"{name}: max relative difference {d:.3g} against the lowering of {run_dir}: ok")
