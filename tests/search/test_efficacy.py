@@ -1,0 +1,131 @@
+"""Search efficacy (issue 6, "Done when"): on CPU, small settings, seeds 0, 1, 2.
+
+1. On ``relatedness`` data (two ``regress`` tasks, Gumbel-Matrix App. A1), the fraction of VCNs
+   where both tasks choose the shared operator is higher for ρ = 1 than for ρ = 0 by >= 0.15
+   (absolute, mean over the seeds).
+2. AutoMTL's Fig. 4 ablation in miniature: the policy regulariser (Eq. 3) increases sharing, i.e.
+   the mean shared fraction over tasks and VCNs is higher with λ_reg than with λ_reg = 0.
+
+Settings (every one is recorded here and in docs/results.md, "Search efficacy"):
+
+- backbone: :class:`Backbone` below, a 3-layer network written as convolutions: a Conv whose
+  8x16 kernel covers the whole ``(1, 8, 16)`` input (a fully connected layer, as the Gumbel-Matrix
+  paper's synthetic experiment uses fully connected components), then two 1x1 Convs; 16 channels
+  each, every Conv bias-free and followed by BatchNorm + ReLU; ``torch.manual_seed(0)`` weights.
+  Imported with ``import_model("test_efficacy:factory", input_shape=(1, 1, 8, 16))`` and compiled
+  with ``compile_supergraph(model, tasks="t1:regress:1,t2:regress:1", head_width=8,
+  feature=<backbone output>)``: 3 VCNs (depths 1, 2, 3). A backbone of 3x3 Convs with global
+  average pooling cannot learn the position-dependent map ``w_iᵀx`` at this budget (validation MSE
+  stays at the targets' variance), so the policy gets no signal; see docs/results.md.
+- data: ``relatedness?rho={0.0|1.0}&n_train=2000&n_val=200`` (paper defaults otherwise: d = 128,
+  c = 1, m = 6, α_k = k, β_k = (k-1)², noise variance 0.01), seed = the run's seed.
+- search: ``SearchOptions`` defaults except λ_reg: 200 pre-train + 400 policy-train steps, batch
+  size 8, weight lr 1e-3 (Adam), policy lr 1e-2 (Adam), τ = 5 decayed geometrically to 0.5 over
+  the 400 policy steps (floor 0.1), soft Gumbel samples, train1/train2 = 50/50, task weights 1.
+- λ_reg = 0.1 for the ρ comparison and as the "with L_reg" arm of the ablation. The Table 1
+  default 0.001 is too weak at this budget and loss scale (it chooses like λ_reg = 0: mean shared
+  fraction 0.22 vs 0.25; docs/results.md), so the ablation uses the documented larger value.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+HERE = Path(__file__).resolve().parent
+
+SEEDS = (0, 1, 2)
+INPUT_SHAPE = (1, 1, 8, 16)
+TASKS = "t1:regress:1,t2:regress:1"
+HEAD_WIDTH = 8
+DATA = "relatedness?rho={rho}&n_train=2000&n_val=200"
+LAMBDA_REG = 0.1  # the "with L_reg" setting (Table 1's 0.001 is too weak here; see the docstring)
+SEARCH = dict(pretrain_steps=200, policy_steps=400, batch_size=8, weight_lr=1e-3, policy_lr=1e-2,
+              tau0=5.0, tau_min=0.1, tau_decay=None, hard=False, policy_fraction=0.5)
+
+
+class Backbone(nn.Module):
+    """FC layer over the whole (1, 8, 16) input (as an 8x16 Conv), then two 1x1 Convs; BN + ReLU."""
+
+    def __init__(self, hidden: tuple[int, ...] = (16, 16, 16), in_shape: tuple[int, int, int] = (1, 8, 16)) -> None:
+        super().__init__()
+        c, h, w = in_shape
+        layers: list[nn.Module] = []
+        for i, k in enumerate(hidden):
+            layers += [nn.Conv2d(c, k, (h, w) if i == 0 else 1, bias=False), nn.BatchNorm2d(k), nn.ReLU()]
+            c = k
+        self.body = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+def factory() -> nn.Module:
+    torch.manual_seed(0)
+    return Backbone()
+
+
+@pytest.fixture(scope="module")
+def search(tmp_path_factory):
+    """``search(rho, lambda_reg, seed)`` -> the derived Policy (each run once per module)."""
+    from mtc.data import load_data
+    from mtc.frontends import import_model
+    from mtc.ir import supergraph as sg
+    from mtc.passes.pipeline import compile_supergraph
+    from mtc.search.automtl import SearchOptions, run_search
+    from mtc.train.run import RunDir
+
+    if str(HERE) not in sys.path:
+        sys.path.insert(0, str(HERE))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny layers: extra threads only contend on a 2-core machine
+    model = import_model("test_efficacy:factory", input_shape=INPUT_SHAPE)
+    compile_supergraph(model, tasks=TASKS, head_width=HEAD_WIDTH, feature=model.graph.outputs[0].name)
+    assert [v.depth for v in sg.vcns_of(model)] == [1, 2, 3]
+    tasks = sg.tasks_of(model)
+    cache: dict = {}
+
+    def run(rho: float, lambda_reg: float, seed: int):
+        key = (rho, lambda_reg, seed)
+        if key not in cache:
+            train, val = load_data(DATA.format(rho=rho), tasks, INPUT_SHAPE[1:], seed)
+            opts = SearchOptions(**SEARCH, lambda_reg=lambda_reg, seed=seed, checkpoint_every=10**9,
+                                 log_every=10**9)
+            d = tmp_path_factory.mktemp(f"rho{rho}-lam{lambda_reg}-s{seed}")
+            cache[key] = run_search(RunDir(d), model, train, val, opts, progress=False)
+        return cache[key]
+
+    yield run
+    torch.set_num_threads(threads)
+
+
+def shared_fraction(policy) -> float:
+    """Share of (task, VCN) pairs that choose the shared operator."""
+    picks = [c == 0 for per in policy.choices.values() for c in per.values()]
+    return sum(picks) / len(picks)
+
+
+def test_related_tasks_share_more(search):
+    from mtc.search.automtl import sharing_fraction
+
+    both = {rho: [sharing_fraction(search(rho, LAMBDA_REG, s), "t1", "t2") for s in SEEDS] for rho in (0.0, 1.0)}
+    print(f"sharing fraction per seed {SEEDS}: rho=0 {both[0.0]}, rho=1 {both[1.0]}")
+    gap = np.mean(both[1.0]) - np.mean(both[0.0])
+    assert gap >= 0.15, both
+    # not an artefact of sharing everything: the top VCN (regulariser weight 0) stays unshared
+    assert max(both[1.0]) < 1.0, both
+
+
+def test_regularizer_increases_sharing(search):
+    # AutoMTL Fig. 4 in miniature, on both relatedness extremes
+    frac = {lam: [shared_fraction(search(rho, lam, s)) for rho in (0.0, 1.0) for s in SEEDS]
+            for lam in (0.0, LAMBDA_REG)}
+    print(f"shared fraction (rho=0 seeds {SEEDS}, then rho=1): {frac}")
+    assert np.mean(frac[LAMBDA_REG]) >= np.mean(frac[0.0]) + 0.15, frac
+    for i in range(2):  # and for each ρ separately
+        assert np.mean(frac[LAMBDA_REG][3 * i:3 * i + 3]) > np.mean(frac[0.0][3 * i:3 * i + 3]), frac
