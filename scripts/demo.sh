@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The main job on the bundled backbones, on CPU: import -> inspect -> verify the lowering -> compile a
-# multi-task supergraph -> inspect it. Search, train and export extend this as they land.
+# multi-task supergraph -> inspect it -> search -> baselines -> train -> report -> export.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MTC=.venv/bin/mtc
@@ -40,4 +40,9 @@ $MTC baseline backbones/tiny_resnet.onnx --tasks seg:seg:13,depth:depth:1 --head
 $MTC train "$OUT/search" --steps 300 --baselines "$OUT/baselines"
 $MTC report "$OUT/baselines" "$OUT/search" --out "$OUT/report"
 echo
-echo "results: $OUT/report.md, policy heat-map $OUT/search/policy.png, logs $OUT/search/metrics.jsonl"
+echo "== export: one pruned ONNX per task and a fused multi-task ONNX, verified in onnxruntime =="
+rm -rf "$OUT/export"
+$MTC export "$OUT/search" -o "$OUT/export" --fold-bn
+echo
+echo "results: $OUT/report.md, policy heat-map $OUT/search/policy.png, logs $OUT/search/metrics.jsonl,"
+echo "         deployable models and report in $OUT/export/"
