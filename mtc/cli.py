@@ -343,11 +343,12 @@ def _task_weights(text: str | None, tasks) -> dict[str, float] | None:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None, help="Default: cuda when present.")
 @click.option("--resume", is_flag=True, help="Continue the run in --run-dir from its last checkpoint.")
+@click.option("--amp", is_flag=True, help="bfloat16 autocast (CUDA only).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def search_cmd(supergraph: str, data: str, run_dir: str, pretrain_steps: int, policy_steps: int, batch_size: int,
                weight_lr: float, policy_lr: float, lambda_reg: float, task_weights: str | None, tau0: float,
                hard: bool, sample: int, checkpoint_every: int, seed: int, device: str | None, resume: bool,
-               quiet: bool) -> None:
+               amp: bool, quiet: bool) -> None:
     """AutoMTL search: pre-train the supergraph, then train weights and policy alternately."""
     import shutil
     from dataclasses import asdict
@@ -371,9 +372,9 @@ def search_cmd(supergraph: str, data: str, run_dir: str, pretrain_steps: int, po
     opts = SearchOptions(pretrain_steps=pretrain_steps, policy_steps=policy_steps, batch_size=batch_size,
                          weight_lr=weight_lr, policy_lr=policy_lr, lambda_reg=lambda_reg,
                          task_weights=_task_weights(task_weights, tasks), tau0=tau0, hard=hard, sample=sample,
-                         checkpoint_every=checkpoint_every, seed=seed)
+                         checkpoint_every=checkpoint_every, seed=seed, amp=amp)
+    dev = _device(device, amp)
     train, val = load_data(data, tasks, _input_chw(model), seed)
-    dev = device or ("cuda" if _cuda() else "cpu")
     if not run.file("config.json").exists():
         run.path.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(supergraph, run.file(SUPERGRAPH))
@@ -399,9 +400,11 @@ def search_cmd(supergraph: str, data: str, run_dir: str, pretrain_steps: int, po
               help="A mtc baseline run directory: adds Δt_i and Δt (AutoMTL Eq. 5) to metrics.json.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None)
 @click.option("--resume", is_flag=True)
+@click.option("--amp", is_flag=True, help="bfloat16 autocast (CUDA only).")
 @click.option("--quiet", is_flag=True)
 def train_cmd(run_dir: str, steps: int, batch_size: int, lr: float, keep_weights: bool, policy_file: str | None,
-              checkpoint_every: int, baselines: str | None, device: str | None, resume: bool, quiet: bool) -> None:
+              checkpoint_every: int, baselines: str | None, device: str | None, resume: bool, amp: bool,
+              quiet: bool) -> None:
     """AutoMTL post-train: train the derived model with its policy fixed, then evaluate every task."""
     import json
 
@@ -431,8 +434,8 @@ def train_cmd(run_dir: str, steps: int, batch_size: int, lr: float, keep_weights
     train, val = load_data(cfg["data"], tasks, _input_chw(model), seed)
     searched = run.load_checkpoint("search")["module"] if keep_weights else None
     opts = TrainOptions(steps=steps, batch_size=batch_size, lr=lr, checkpoint_every=checkpoint_every, seed=seed,
-                        keep_weights=keep_weights)
-    dev = device or ("cuda" if _cuda() else "cpu")
+                        keep_weights=keep_weights, amp=amp)
+    dev = _device(device, amp)
     result = run_train(run, model, policy, train, val, opts, device=dev, resume=resume, progress=not quiet,
                        searched_state=searched)
     if baselines:
@@ -551,6 +554,16 @@ def export_cmd(run_dir: str, out_dir: str, tasks: tuple[str, ...], fused: bool, 
         rep = deployment_report(inputs.model, ex, out_dir, provider=provider, repeat=repeat)
         click.echo(print_report(rep))
         click.echo(f"wrote {rep['path']}")
+
+
+def _device(device: str | None, amp: bool) -> str:
+    """The torch device: CUDA when present unless told otherwise; --amp needs CUDA."""
+    dev = device or ("cuda" if _cuda() else "cpu")
+    if dev == "cuda" and not _cuda():
+        raise MtcError("--device cuda: no CUDA device is available")
+    if amp and dev != "cuda":
+        raise MtcError("--amp needs a CUDA device (mixed precision is not used on CPU)")
+    return dev
 
 
 def _cuda() -> bool:

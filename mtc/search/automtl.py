@@ -152,6 +152,7 @@ class SearchOptions:
     seed: int = 0
     sample: int = 0  # --sample K: draw K policies and keep the best on validation
     eval_batches: int = 4
+    amp: bool = False  # bfloat16 autocast on CUDA
 
 
 def run_search(run: Any, model: Any, train: Any, val: Any, opts: SearchOptions, *, device: str = "cpu",
@@ -166,7 +167,9 @@ def run_search(run: Any, model: Any, train: Any, val: Any, opts: SearchOptions, 
     from mtc.ir import supergraph as sg
     from mtc.lower.supergraph import lower_supergraph, policy_parameters, set_mode
     from mtc.train.loop import Batcher, check_finite, evaluate, step_seed, task_losses
+    from mtc.train.loop import autocast_forward as _forward
 
+    amp = opts.amp
     tasks = sg.tasks_of(model) or []
     names = [t.name for t in tasks]
     depths = {v.name: v.depth for v in sg.vcns_of(model)}
@@ -220,22 +223,23 @@ def run_search(run: Any, model: Any, train: Any, val: Any, opts: SearchOptions, 
             stage, s = "pretrain", g
             set_mode(module, "warmup")
             images, targets = b_all.batch(s, device)
-            losses = task_losses(module(images), targets, tasks)
+            losses = task_losses(_forward(module, images, amp), targets, tasks)
             check_finite(losses, stage, s)
-            loss = sum(weights[k] * v for k, v in losses.items())
+            loss = torch.stack([weights[k] * v for k, v in losses.items()]).sum()
             opt_w.zero_grad(set_to_none=True)
             loss.backward()
             opt_w.step()
             sched.step()
-            record = {"stage": stage, "step": s, "loss": {k: float(v.detach()) for k, v in losses.items()}}
+            record: dict[str, Any] = {"stage": stage, "step": s,
+                                      "loss": {k: float(v.detach()) for k, v in losses.items()}}
         else:
             stage, s = "policy", g - opts.pretrain_steps
             set_mode(module, "gumbel", tau=tau(s), hard=opts.hard)
             # weights on train1 (policy frozen) ...
             images, targets = b1.batch(s, device)
-            losses = task_losses(module(images), targets, tasks)
+            losses = task_losses(_forward(module, images, amp), targets, tasks)
             check_finite(losses, stage, s)
-            loss = sum(weights[k] * v for k, v in losses.items())
+            loss = torch.stack([weights[k] * v for k, v in losses.items()]).sum()
             opt_w.zero_grad(set_to_none=True)
             opt_p.zero_grad(set_to_none=True)
             loss.backward()
@@ -243,10 +247,10 @@ def run_search(run: Any, model: Any, train: Any, val: Any, opts: SearchOptions, 
             sched.step()
             # ... then the policy on train2 (weights frozen), with the regulariser of Eq. 3
             images, targets = b2.batch(s, device)
-            plosses = task_losses(module(images), targets, tasks)
+            plosses = task_losses(_forward(module, images, amp), targets, tasks)
             check_finite(plosses, stage, s)
             reg = policy_regularizer(logits, depths)
-            ploss = sum(weights[k] * v for k, v in plosses.items()) + opts.lambda_reg * reg
+            ploss = torch.stack([weights[k] * v for k, v in plosses.items()]).sum() + opts.lambda_reg * reg
             opt_w.zero_grad(set_to_none=True)
             opt_p.zero_grad(set_to_none=True)
             ploss.backward()
@@ -259,7 +263,7 @@ def run_search(run: Any, model: Any, train: Any, val: Any, opts: SearchOptions, 
             record["elapsed_s"] = round(time.perf_counter() - t0, 3)
             run.log(record)
         if bar is not None:
-            bar.update(g, stage, record["loss"])
+            bar.update(g, stage, {k: float(v.detach()) for k, v in losses.items()})
         if g % opts.checkpoint_every == 0 or g == total:
             checkpoint()
     if bar is not None:

@@ -93,3 +93,12 @@ def count_parameters(module: torch.nn.Module, exclude: Sequence[torch.Tensor] = 
     """Trainable parameters of ``module``, leaving out ``exclude`` (e.g. policy logits)."""
     skip = {id(t) for t in exclude}
     return sum(p.numel() for p in module.parameters() if id(p) not in skip)
+
+
+def autocast_forward(module: torch.nn.Module, images: torch.Tensor, amp: bool) -> Any:
+    """The forward pass, under bfloat16 autocast on CUDA with ``--amp`` (bf16 needs no loss scaling)."""
+    if not amp:
+        return module(images)
+    with torch.autocast(device_type="cuda", dtype=torch.bfloat16):
+        outs = module(images)
+    return tuple(o.float() for o in outs)

@@ -11,6 +11,7 @@ import torch
 from mtc.ir import supergraph as sg
 from mtc.lower.supergraph import lower_supergraph
 from mtc.train.loop import Batcher, check_finite, count_parameters, evaluate, step_seed, task_losses
+from mtc.train.loop import autocast_forward as _forward
 
 
 @dataclass
@@ -25,6 +26,7 @@ class TrainOptions:
     log_every: int = 10
     seed: int = 0
     keep_weights: bool = False
+    amp: bool = False  # bfloat16 autocast on CUDA
 
 
 def run_train(run: Any, model: Any, policy: sg.Policy, train: Any, val: Any, opts: TrainOptions, *,
@@ -34,6 +36,7 @@ def run_train(run: Any, model: Any, policy: sg.Policy, train: Any, val: Any, opt
 
     Returns the ``metrics.json`` content: per-task validation metrics and the parameter count.
     """
+    amp = opts.amp
     tasks = sg.tasks_of(model) or []
     weights = {t.name: (opts.task_weights or {}).get(t.name, 1.0) for t in tasks}
     module = lower_supergraph(model, mode="fixed", policy=policy, device=device)
@@ -70,7 +73,7 @@ def run_train(run: Any, model: Any, policy: sg.Policy, train: Any, val: Any, opt
             return {}
         torch.manual_seed(step_seed(opts.seed, "train", step))
         images, targets = batches.batch(step, device)
-        losses = task_losses(module(images), targets, tasks)
+        losses = task_losses(_forward(module, images, amp), targets, tasks)
         check_finite(losses, "train", step)
         loss = torch.stack([weights[k] * v for k, v in losses.items()]).sum()
         opt.zero_grad(set_to_none=True)

@@ -149,3 +149,14 @@ def test_baseline_train_with_delta_and_report(tmp_path, supergraph):
     assert [row["model"] for row in rep["rows"]] == ["single-task", "multi-task (hard shared)", "mtc (run)"]
     assert rep["rows"][2]["delta_t"] == pytest.approx(m["delta_t"], abs=0.01)
     assert "Δt %" in (tmp_path / "rep.md").read_text() and "single-task" in r.stdout
+
+
+def test_amp_needs_cuda(tmp_path, supergraph):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    r = mtc("search", str(supergraph), "--data", "tinydata:factory", "--run-dir", "run", "--amp", *SMALL,
+            cwd=tmp_path)
+    assert r.returncode == 2 and "--amp needs a CUDA device" in r.stderr
+    assert not (tmp_path / "run").exists()
