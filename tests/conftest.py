@@ -40,3 +40,21 @@ def rel_err(a: np.ndarray, b: np.ndarray) -> float:
 def tmp_cwd(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+SEARCH_TESTS = Path(__file__).resolve().parent / "search"
+
+
+def run_mtc(*args: str, cwd, check: bool = False, **kw):
+    """Run the `mtc` CLI in a subprocess as a user would; tests/search (the `tinydata` plug-in) is importable."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PYTHONPATH=str(SEARCH_TESTS) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               PYTHONWARNINGS="ignore")
+    r = subprocess.run([sys.executable, "-m", "mtc.cli", *args], capture_output=True, text=True, cwd=cwd,
+                       env=env, **kw)
+    if check:
+        assert r.returncode == 0, r.stderr
+    return r

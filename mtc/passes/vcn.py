@@ -245,12 +245,8 @@ class Vcn(Pass):
         head_origin = origin(head)
         if head_origin:
             gate.metadata_props[ORIGIN_KEY] = head_origin
+        self._finish(gate, y_name, y)
         out = gate.outputs[0]
-        out.name = y_name
-        if y.dtype is not None:
-            out.dtype = y.dtype
-        out.shape = y.shape
-        self.g.append(gate)
         assert gate.name is not None  # the graph keeps the name given above
         for user, idx in uses:
             user.replace_input_with(idx, out)

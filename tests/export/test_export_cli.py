@@ -3,27 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import onnx
 import pytest
-from conftest import BACKBONES
+from conftest import BACKBONES, run_mtc
 
-SEARCH_TESTS = Path(__file__).resolve().parents[1] / "search"  # tinydata.py, the --data plug-in
 SMALL = ["--pretrain-steps", "2", "--policy-steps", "4", "--batch-size", "2", "--checkpoint-every", "4", "--quiet"]
 
 
-def mtc(*args, cwd, check=False):
-    env = dict(os.environ, PYTHONPATH=str(SEARCH_TESTS) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               PYTHONWARNINGS="ignore")
-    r = subprocess.run([sys.executable, "-m", "mtc.cli", *args], capture_output=True, text=True, cwd=cwd, env=env)
-    if check:
-        assert r.returncode == 0, r.stderr
-    return r
+mtc = run_mtc
 
 
 @pytest.fixture(scope="module")

@@ -12,20 +12,13 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import BACKBONES
+from conftest import BACKBONES, run_mtc
 
 HERE = Path(__file__).resolve().parent
 SMALL = ["--pretrain-steps", "6", "--policy-steps", "14", "--batch-size", "4", "--checkpoint-every", "4", "--quiet"]
 
 
-def mtc(*args, cwd, check=False, **kw):
-    env = dict(os.environ, PYTHONPATH=str(HERE) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               PYTHONWARNINGS="ignore")
-    r = subprocess.run([sys.executable, "-m", "mtc.cli", *args], capture_output=True, text=True, cwd=cwd,
-                       env=env, **kw)
-    if check:
-        assert r.returncode == 0, r.stderr
-    return r
+mtc = run_mtc
 
 
 @pytest.fixture(scope="module")
