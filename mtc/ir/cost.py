@@ -4,8 +4,11 @@ Conventions (see docs/ir.md):
 - MACs are for one sample: a symbolic batch dimension counts as 1 (a static batch counts as given).
 - Conv: output elements x (C_in / groups) x prod(kernel); dilation spreads taps but adds none.
 - ConvTranspose: input elements x (C_out / groups) x prod(kernel).
-- Gemm / MatMul: M x K x N per batch element; bias additions, pooling, normalisation and
-  elementwise ops count as zero MACs.
+- Gemm / MatMul: M x K x N per batch element.
+- Normalisation (BatchNormalization, InstanceNormalization, LayerNormalization,
+  GroupNormalization): one MAC per output element, the scale-and-shift an inference-form norm
+  computes (statistics are folded into it); so a VCN that is a norm alone has a cost to skip.
+- Bias additions, pooling, activations and other elementwise ops count as zero MACs.
 - Parameters are the trainable float initializers a node reads: weights, biases, norm scale and
   shift; BatchNormalization running statistics are buffers, Clip bounds, Resize scales and Pad
   values are configuration, and rank-0 floats are literals, so none of those count. An initializer read
@@ -22,6 +25,7 @@ import onnx_ir as ir
 from mtc.ir.shapes import static_dims
 
 _FLOAT = {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE}
+NORM_OPS = {"BatchNormalization", "InstanceNormalization", "LayerNormalization", "GroupNormalization"}
 # Inputs that are state or configuration, not parameters.
 _NON_PARAM_INPUTS = {"BatchNormalization": {3, 4}, "Clip": {1, 2}, "Resize": {1, 2, 3}, "Pad": {1, 2, 3}}
 
@@ -96,6 +100,9 @@ def node_macs(node: ir.Node) -> int:
         trans_b = node.attributes["transB"].as_int() if "transB" in node.attributes else 0
         n = b[0] if trans_b else b[1]
         return m * k * n
+    if op in NORM_OPS:
+        y = static_dims(node.outputs[0])
+        return math.prod(y) if y is not None else 0
     if op == "MatMul":
         a = _static_dims(node.inputs[0])
         y = static_dims(node.outputs[0])

@@ -35,6 +35,9 @@ TASKS_KEY = "mtc.tasks"
 VCNS_KEY = "mtc.vcns"
 FEATURE_KEY = "mtc.feature"
 OPTIONS_KEY = "mtc.options"
+#: Node metadata on the Concat that ``specialize`` puts where a Gate was: the VCN's name. Export
+#: reads it to know the Concat joins stream groups (not data), so it must never be renamed away.
+MERGE_KEY = "mtc.merge"
 
 #: the three options of a VCN, in the order of the policy logits (AutoMTL: P = 0, 1, 2)
 OPTIONS = ("shared", "specific", "skip")
@@ -51,7 +54,7 @@ class VcnRecord:
     output: str
     gate: str
     policy: str  # initializer holding the [tasks, 3] logits
-    skip: str  # "identity" or "downsample"
+    skip: str  # "identity", "downsample" (1x1 conv + BN) or "select" (strided slice + channel gather)
     params: int  # parameters of the shared unit
     macs: int  # MACs of the shared unit for one stream
     skip_params: int = 0  # per task

@@ -340,6 +340,58 @@ def _batch_copies(g: ir.Graph, outs: list[ir.Value | None]) -> ir.Value | None:
     return out
 
 
+def _row_independent(node: ir.Node) -> bool:
+    """A stateless node that treats every row (axis 0) alike, with constant side inputs: it may
+    run once on a stacked tensor instead of once per task."""
+    if node.domain != "" or len(node.outputs) != 1 or node.op_type not in ("Identity", "Slice", "Gather"):
+        return False
+    if any(v is None or v.const_value is None for v in node.inputs[1:]):
+        return False
+    if node.op_type == "Gather":
+        return node.attributes["axis"].as_int() > 0 if "axis" in node.attributes else False
+    if node.op_type == "Slice":
+        axes = node.inputs[3] if len(node.inputs) > 3 else None
+        return axes is not None and axes.const_value is not None and bool((axes.const_value.numpy() > 0).all())
+    return True
+
+
+def _batch_stateless(g: ir.Graph, outs: list[ir.Value | None]) -> ir.Value | None:
+    """T identical row-independent chains on one tensor's Unstack outputs (parameter-free skips)
+    become one chain on the stacked tensor; returns its output, or None when they do not match."""
+    chains: list[list[ir.Node]] = []
+    for v in outs:
+        chain: list[ir.Node] = []
+        p = v.producer() if v is not None else None
+        while p is not None and _row_independent(p):
+            chain.insert(0, p)
+            p = p.inputs[0].producer() if p.inputs[0] is not None else None
+        if not chain:
+            return None
+        chains.append(chain)
+
+    def sig(n: ir.Node) -> tuple[Any, ...]:
+        return (n.op_type, tuple(sorted((k, str(a.value)) for k, a in n.attributes.items())),
+                tuple(id(v) for v in n.inputs[1:]))
+
+    ref = chains[0]
+    if any([sig(n) for n in c] != [sig(n) for n in ref] for c in chains[1:]):
+        return None
+    src = _unstacked_source([c[0].inputs[0] for c in chains])
+    if src is None:
+        return None
+    cur = src
+    last = max((c[-1] for c in chains), key=g.index)
+    for n in ref:
+        c = ir.node(n.op_type, [cur, *n.inputs[1:]], name=f"{n.name}.stacked", attributes=dict(n.attributes))
+        out = c.outputs[0]
+        out.name = c.name
+        if src.dtype is not None:
+            out.dtype = src.dtype
+        g.insert_after(last, c)
+        last, cur = c, out
+    return cur
+
+
 def _prepare_search(model: ir.Model, *, batch_copies: bool = True) -> None:
     """Lowering-only rewrites for the search modes (the file keeps the simple per-task form).
 
@@ -384,6 +436,8 @@ def _prepare_search(model: ir.Model, *, batch_copies: bool = True) -> None:
         shared_src = _unstacked_source(list(gate.inputs[:t]))
         spec_src = _batch_copies(g, list(gate.inputs[t:2 * t])) if batch_copies else None
         skip_src = _unstacked_source([_through_identity(v) for v in gate.inputs[2 * t:3 * t]])
+        if skip_src is None:
+            skip_src = _batch_stateless(g, list(gate.inputs[2 * t:3 * t]))
         if skip_src is None and batch_copies:
             skip_src = _batch_copies(g, list(gate.inputs[2 * t:3 * t]))
         if shared_src is None and spec_src is None and skip_src is None:

@@ -176,6 +176,7 @@ class Specialize(Pass):
             assert gate.name is not None  # onnx_ir names every node a graph holds
             cat = ir.node("Concat", parts, name=gate.name.replace(".gate", ".merge"),
                           attributes={"axis": ir.AttrInt64("axis", 0)})
+            cat.metadata_props[sg.MERGE_KEY] = rec.name
             new = cat.outputs[0]
             if out.dtype is not None:
                 new.dtype = out.dtype

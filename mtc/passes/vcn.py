@@ -8,7 +8,7 @@ The graph is rewritten into the stacked-stream supergraph described in docs/supe
     after:   input ─ Fork ─ ... x (stacked: one stream per task) ─ conv3 ─ bn3 ─ y.shared
              y.shared ─ TaskSlice(t) ──────────────────────────────────────┐ shared_t
              x ─ TaskSlice(t) ─ conv3@t ─ bn3@t  (weights CopyOf conv3's)   ├ specific_t   ─ Gate ─ y ─► ...
-             x ─ TaskSlice(t) ─ conv3@t.skip  (Identity, or 1x1 conv + BN)  ┘ skip_t        ▲ conv3.policy [T, 3]
+             x ─ TaskSlice(t) ─ conv3@t.skip  (Identity, 1x1 conv + BN, or select) ┘ skip_t        ▲ conv3.policy [T, 3]
 
 A weighted operator (Conv, ConvTranspose, Gemm, MatMul with a weight initializer) and the
 normalisation directly after it (BatchNormalization, LayerNormalization, InstanceNormalization)
@@ -265,42 +265,69 @@ class Vcn(Pass):
 
     def _skip(self, x: ir.Value, y: ir.Value, xt: ir.Value, name: str, task: str,
               head: ir.Node) -> tuple[ir.Value, str, int, int]:
-        """Identity when shapes agree, else a 1x1 strided conv + BN (a Gemm for flat units)."""
+        """The skip option, always cheaper than the unit it replaces (AutoMTL: a task skips an
+        operator "for improved model efficiency").
+
+        - ``identity`` when input and output shapes agree;
+        - ``downsample`` for a Conv with a kernel larger than 1x1: a strided 1x1 Conv with the
+          unit's ``group`` + BatchNormalization (a depthwise unit gets a depthwise skip);
+        - ``select`` otherwise (1x1 Convs, Gemm/MatMul): no parameters and no MACs; the spatial
+          stride is a strided ``Slice`` (the samples a strided 1x1 Conv would read) and channel
+          ``c`` of the output is input channel ``c mod C_in`` (a ``Gather``), so fewer channels
+          keep the first ones and more channels repeat them.
+        """
         xs, ys = static_dims(x), static_dims(y)
         base = f"{name}@{task}.skip"
         meta = {ORIGIN_KEY: origin(head) or name, TASK_KEY: task}
+        where = dict(pass_name=self.name, node=head.name, op=head.op_type, origin=origin(head))
         if xs is None or ys is None:
-            raise MtcError(f"the skip option needs static shapes, got {x.name}={xs} and {y.name}={ys}",
-                           pass_name=self.name, node=head.name, op=head.op_type, origin=origin(head))
+            raise MtcError(f"the skip option needs static shapes, got {x.name}={xs} and {y.name}={ys}", **where)
         if xs == ys:
             n = ir.node("Identity", [xt], name=base)
             n.metadata_props.update(meta)
             self._finish(n, base, y)
             return n.outputs[0], "identity", 0, 0
-        cin, cout = xs[1], ys[1]
-        if len(xs) == 2 and len(ys) == 2:
-            w = self._init(f"{base}.weight", self._kaiming((cout, cin), cin))
-            b = self._init(f"{base}.bias", np.zeros(cout, np.float32))
-            n = ir.node("Gemm", [xt, w, b], name=base, attributes={"transB": ir.AttrInt64("transB", 1)})
-            n.metadata_props.update(meta)
-            self._finish(n, base, y)
-            return n.outputs[0], "downsample", cin * cout + cout, cin * cout
-        if len(xs) != 4 or len(ys) != 4:
-            raise MtcError(f"no skip for a unit from {list(xs)} to {list(ys)}", pass_name=self.name,
-                           node=head.name, op=head.op_type, origin=origin(head))
+        if len(xs) != len(ys) or len(xs) not in (2, 4):
+            raise MtcError(f"no skip for a unit from {list(xs)} to {list(ys)}", **where)
         strides = []
         for a, b_ in zip(xs[2:], ys[2:], strict=True):
             s = next((s for s in range(1, a + 1) if (a - 1) // s + 1 == b_), None)
             if s is None:
-                raise MtcError(
-                    f"the skip cannot map {list(xs)} to {list(ys)} with a strided 1x1 convolution "
-                    "(upsampling units have no skip yet)",
-                    pass_name=self.name, node=head.name, op=head.op_type, origin=origin(head))
+                raise MtcError(f"the skip cannot map {list(xs)} to {list(ys)} by striding "
+                               "(upsampling units have no skip yet)", **where)
             strides.append(s)
-        w = self._init(f"{base}.weight", self._kaiming((cout, cin, 1, 1), cout))
+        cin, cout = xs[1], ys[1]
+        w = head.inputs[1] if head.op_type == "Conv" and len(head.inputs) > 1 else None
+        kernel = math.prod(w.shape.numpy()[2:]) if w is not None and w.shape is not None else 1
+        if kernel > 1 and len(xs) == 4:
+            return self._conv_skip(xt, y, base, meta, head, cin, cout, strides, ys)
+        cur = xt
+        if any(s > 1 for s in strides):
+            k = len(strides)
+            ins = [cur] + [self._const(f"{name}.skip.{what}", np.array(v, np.int64))
+                           for what, v in (("starts", [0] * k), ("ends", list(xs[2:])),
+                                           ("axes", list(range(2, 2 + k))), ("steps", strides))]
+            n = ir.node("Slice", ins, name=f"{base}.stride" if cin != cout else base)
+            n.metadata_props.update(meta)
+            self._finish(n, n.name or base, y)
+            n.outputs[0].shape = ir.Shape([y.shape[0] if y.shape is not None else xs[0], cin, *ys[2:]])
+            cur = n.outputs[0]
+        if cin != cout:
+            idx = self._const(f"{name}.skip.channels", np.arange(cout, dtype=np.int64) % cin)
+            n = ir.node("Gather", [cur, idx], name=base, attributes={"axis": ir.AttrInt64("axis", 1)})
+            n.metadata_props.update(meta)
+            self._finish(n, base, y)
+            cur = n.outputs[0]
+        return cur, "select", 0, 0
+
+    def _conv_skip(self, xt: ir.Value, y: ir.Value, base: str, meta: dict[str, str], head: ir.Node,
+                   cin: int, cout: int, strides: list[int], ys: tuple[int, ...]) -> tuple[ir.Value, str, int, int]:
+        group = head.attributes["group"].as_int() if "group" in head.attributes else 1
+        w = self._init(f"{base}.weight", self._kaiming((cout, cin // group, 1, 1), cout))
         conv = ir.node("Conv", [xt, w], name=base,
                        attributes={"strides": ir.AttrInt64s("strides", strides),
-                                   "kernel_shape": ir.AttrInt64s("kernel_shape", [1, 1])})
+                                   "kernel_shape": ir.AttrInt64s("kernel_shape", [1, 1]),
+                                   "group": ir.AttrInt64("group", group)})
         conv.metadata_props.update(meta)
         self._finish(conv, base + ".conv", y)
         bn_in = [conv.outputs[0]] + [
@@ -310,8 +337,8 @@ class Vcn(Pass):
         bn = ir.node("BatchNormalization", bn_in, name=f"{base}.bn")
         bn.metadata_props.update(meta)
         self._finish(bn, base, y)
-        macs = math.prod(ys[1:]) * cin
-        return bn.outputs[0], "downsample", cout * cin + 2 * cout, macs
+        macs = math.prod(ys[1:]) * (cin // group)
+        return bn.outputs[0], "downsample", cout * (cin // group) + 2 * cout, macs
 
     def _finish(self, n: ir.Node, out_name: str, like: ir.Value) -> None:
         out = n.outputs[0]
@@ -324,6 +351,16 @@ class Vcn(Pass):
     def _init(self, name: str, arr: np.ndarray) -> ir.Value:
         v = ir.Value(name=name, const_value=ir.tensor(arr.astype(np.float32), name=name))
         v.dtype = ir.DataType.FLOAT
+        v.shape = ir.Shape(list(arr.shape))
+        self.g.register_initializer(v)
+        return v
+
+    def _const(self, name: str, arr: np.ndarray) -> ir.Value:
+        """An integer constant shared by every task's copy of a node (created once)."""
+        if name in self.g.initializers:
+            return self.g.initializers[name]
+        v = ir.Value(name=name, const_value=ir.tensor(arr, name=name))
+        v.dtype = ir.DataType.INT64
         v.shape = ir.Shape(list(arr.shape))
         self.g.register_initializer(v)
         return v

@@ -70,7 +70,8 @@ def test_zero_mac_ops_and_buffers():
         f"{_w('s', 8)}, {_w('b', 8)}, {_w('mu', 8)}, {_w('var', 8)}, float lo = {{0.0}}, float hi = {{6.0}}",
     )
     params, macs, costs = model_cost(m)
-    assert macs == 0
+    assert macs == 8 * 10 * 10  # the BN's scale-and-shift: one MAC per output element
+    assert [c.macs for c in costs] == [800, 0, 0, 0, 0]
     assert params == 16  # BN scale and shift; running stats and clip bounds are not parameters
     assert [c.params for c in costs] == [16, 0, 0, 0, 0]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx_ir as ir
 import pytest
 import torch
 import torch.nn.functional as F
@@ -211,3 +212,93 @@ def test_batched_copies_equal_per_task_copies_and_keep_running_stats():
     b.eval()
     for oa, ob in zip(a(x), b(x), strict=True):
         torch.testing.assert_close(oa, ob, rtol=1e-5, atol=1e-6)
+
+
+# x -> [1x1 conv p, stride 2, 4 -> 6 channels + bn] -> relu -> [3x3 depthwise conv d, stride 2 + bn] -> relu
+SKIPS = """
+<ir_version: 8, opset_import: ["" : 18]>
+g (float[N,4,6,6] x) => (float[N,6,2,2] y)
+<float[6,4,1,1] p_w = {%s}, float[6] p_s = {1,1,1,1,1,1}, float[6] p_b = {0,0,0,0,0,0},
+ float[6] p_m = {0,0,0,0,0,0}, float[6] p_v = {1,1,1,1,1,1},
+ float[6,1,3,3] d_w = {%s}, float[6] d_s = {1,1,1,1,1,1}, float[6] d_b = {0,0,0,0,0,0},
+ float[6] d_m = {0,0,0,0,0,0}, float[6] d_v = {1,1,1,1,1,1}>
+{
+  cp = Conv <strides = [2, 2]> (x, p_w)
+  bp = BatchNormalization (cp, p_s, p_b, p_m, p_v)
+  rp = Relu (bp)
+  cd = Conv <group = 6, pads = [1, 1, 1, 1], strides = [2, 2]> (rp, d_w)
+  bd = BatchNormalization (cd, d_s, d_b, d_m, d_v)
+  y = Relu (bd)
+}
+"""
+
+
+def _skips_compiled():
+    rng = np.random.default_rng(1)
+    vals = [",".join(f"{v:.4f}" for v in rng.standard_normal(n) * 0.3) for n in (24, 54)]
+    m = parse(SKIPS % tuple(vals))
+    for n in m.graph:
+        n.name = n.outputs[0].name
+    fix_names(m)
+    infer_shapes(m)
+    compile_supergraph(m, tasks="t1:regress:2,t2:class:3", head_width=8)
+    return m
+
+
+def test_skips_are_cheaper_than_their_units():
+    model = _skips_compiled()
+    vcns = {v.name: v for v in sg.vcns_of(model)}
+    # a 1x1 unit skips for free: strided slice + channel gather, no parameters
+    assert vcns["cp"].skip == "select" and vcns["cp"].skip_params == vcns["cp"].skip_macs == 0
+    # a depthwise 3x3 unit skips through a depthwise 1x1 conv + BN: 1/9 of the conv's MACs
+    assert vcns["cd"].skip == "downsample"
+    assert vcns["cd"].skip_macs * 9 == 6 * 2 * 2 * 9
+    assert model.graph.initializers["cd@t1.skip.weight"].shape == ir.Shape([6, 1, 1, 1])
+    for v in vcns.values():
+        assert v.skip_macs < v.macs
+
+
+def _skips_hand(module, policy, task, x):
+    P = lambda n: _param(module, n)  # noqa: E731
+
+    def bn(y, pre, sfx=""):
+        s, b, m, v = (P(f"{pre}_{k}{sfx}") for k in "sbmv")
+        return F.batch_norm(y, m, v, s, b, False, 0.0, 1e-5)
+
+    def option(c, name, inp):
+        if c == 2 and name == "cp":
+            return inp[:, [0, 1, 2, 3, 0, 1], ::2, ::2]  # select: channel c reads c mod 4
+        if c == 2:
+            base = f"cd@{task}.skip"
+            y = F.conv2d(inp, P(f"{base}.weight"), stride=2, groups=6)
+            return F.batch_norm(y, P(f"{base}.bn.mean"), P(f"{base}.bn.var"), P(f"{base}.bn.scale"),
+                                P(f"{base}.bn.bias"), False, 0.0, 1e-5)
+        sfx = "" if c == 0 else f"@{task}"
+        if name == "cp":
+            return bn(F.conv2d(inp, P("p_w" + sfx), stride=2), "p", sfx)
+        return bn(F.conv2d(inp, P("d_w" + sfx), stride=2, padding=1, groups=6), "d", sfx)
+
+    def unit(name, inp):
+        if policy is None:
+            return sum(option(c, name, inp) for c in range(3)) / 3
+        return option(policy.choices[name][task], name, inp)
+
+    y = F.relu(unit("cd", F.relu(unit("cp", x))))
+    return F.linear(y.mean((2, 3)), P(f"head@{task}/fc.weight"), P(f"head@{task}/fc.bias"))
+
+
+@pytest.mark.parametrize("mode", ["warmup", "fixed"])
+def test_select_and_grouped_skips_match_hand_built_network(mode):
+    model = _skips_compiled()
+    policy = None
+    if mode == "fixed":
+        policy = sg.Policy.uniform(model, "shared")
+        policy.choices["cp"]["t1"] = policy.choices["cd"]["t1"] = 2
+        policy.choices["cp"]["t2"], policy.choices["cd"]["t2"] = 2, 1
+    module = lower_supergraph(model, mode=mode, policy=policy).eval()
+    if mode == "warmup":  # the T select skips run once, on the stacked tensor
+        assert any(str(n.name).endswith(".stacked") and n.op_type == "Gather" for n in module.model.graph)
+    _perturb(module, 3)
+    x = torch.randn(3, 4, 6, 6)
+    for task, out in zip(["t1", "t2"], module(x), strict=True):
+        torch.testing.assert_close(out, _skips_hand(module, policy, task, x), rtol=1e-5, atol=1e-6)
