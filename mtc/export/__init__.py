@@ -7,10 +7,13 @@ from mtc.export.api import (
     VerificationError,
     export_graphs,
     load_run,
+    load_source,
+    plan_outputs,
+    read_weights,
     verify,
     verify_against,
     write_verified,
 )
 
-__all__ = ["Exported", "VerificationError", "export_graphs", "load_run", "verify", "verify_against",
-           "write_verified"]
+__all__ = ["Exported", "VerificationError", "export_graphs", "load_run", "load_source", "plan_outputs",
+           "read_weights", "verify", "verify_against", "write_verified"]

@@ -22,6 +22,8 @@ from mtc.ir import supergraph as sg
 #: Verification tolerance: max |a - b| / max |reference| per output.
 TOLERANCE = 1e-4
 FUSED = "fused"
+#: The deployment report's file name in an output folder (beside a single file: ``<stem>.report.json``).
+REPORT = "report.json"
 
 
 class VerificationError(Exception):
@@ -37,6 +39,8 @@ class Exported:
     tasks: dict[str, ir.Model] = field(default_factory=dict)
     fused: ir.Model | None = None
     module: Any = None  # the fixed-mode lowering they were bound from (the verification reference)
+    policy: sg.Policy | None = None
+    fold_bn: bool = False
 
 
 def _info(kind: str, tasks: list[str], policy: sg.Policy, fold_bn: bool) -> dict[str, Any]:
@@ -76,9 +80,8 @@ def export_graphs(
         if t not in order:
             raise MtcError(f"task '{t}' is not in the run (tasks: {', '.join(order)})")
     module = fixed_module = eg.fixed_module(model, policy, weights)
-    records = sg.vcns_of(model)
-    grouped = eg.ungroup(eg.bind(fixed_module), records)
-    out = Exported(module=module)
+    grouped = eg.ungroup(eg.bind(fixed_module))
+    out = Exported(module=module, policy=policy, fold_bn=fold_bn)
     for t in wanted:
         m = eg.restrict(grouped, [t])
         out.tasks[t] = eg.finish(m, order=order, fold_bn=fold_bn, info=_info("task", [t], policy, fold_bn))
@@ -205,43 +208,132 @@ def _save_checked(model: ir.Model, path: Path) -> None:
         onnx.checker.check_model(str(path), full_check=True)  # large models: check by path
 
 
-def write_verified(ex: Exported, out_dir: str | os.PathLike[str], *, provider: str = "cpu",
-                   seed: int = 0, tolerance: float = TOLERANCE) -> dict[str, dict[str, Any]]:
-    """Write ``<task>.onnx`` per task and ``fused.onnx`` to ``out_dir``, each only once verified.
-
-    Everything is written to a temporary folder beside ``out_dir`` and verified there; only when
-    every file passes are they moved in, so a failure leaves no exported file behind.
-
-    Returns:
-        per file stem: ``{"path": ..., "diff": {output: relative difference}}``.
-
-    Raises:
-        VerificationError: a model disagrees with the lowering (nothing is written).
-    """
-    dst = Path(out_dir)
-    dst.mkdir(parents=True, exist_ok=True)
+def _stems(ex: Exported) -> dict[str, ir.Model]:
     items = dict(ex.tasks)
     if ex.fused is not None:
         if FUSED in items:
             raise MtcError(f"a task named '{FUSED}' clashes with the fused model's file name")
         items[FUSED] = ex.fused
-    x = sample_input(ex.module.model, seed=seed)
-    ref = reference_outputs(ex.module, x)
-    tmp = Path(tempfile.mkdtemp(prefix=".mtc-export-", dir=dst))
+    return items
+
+
+def write_verified(ex: Exported, out: str | os.PathLike[str] | Mapping[str, str | os.PathLike[str]], *,
+                   provider: str = "cpu", seed: int = 0, tolerance: float = TOLERANCE) -> dict[str, dict[str, Any]]:
+    """Write the exported models, each only once verified in onnxruntime.
+
+    Every model is written to a temporary folder beside its destination and verified there; only
+    when every one passes are they renamed into place, so a failure leaves no exported file behind
+    (and removes the folders it created).
+
+    Args:
+        ex: the exported graphs.
+        out: a folder (``<task>.onnx`` per task and ``fused.onnx``), or a mapping from each model's
+            stem (task name or ``"fused"``) to its destination file; every model of ``ex`` needs one.
+
+    Returns:
+        per model stem: ``{"path": ..., "diff": {output: relative difference}}``.
+
+    Raises:
+        VerificationError: a model disagrees with the lowering (nothing is written).
+    """
+    items = _stems(ex)
+    if isinstance(out, Mapping):
+        missing = [k for k in items if k not in out]
+        if missing:
+            raise ValueError(f"no destination for the model '{missing[0]}'")
+        dests = {k: Path(out[k]) for k in items}
+    else:
+        dests = {k: Path(out) / f"{k}.onnx" for k in items}
+    if len({p.resolve() for p in dests.values()}) != len(dests):
+        raise MtcError("two exported models would be written to the same file")
+    created: list[Path] = []
+    for d in dict.fromkeys(p.parent for p in dests.values()):
+        missing_dirs = [a for a in (d, *d.parents) if not a.exists()]
+        d.mkdir(parents=True, exist_ok=True)
+        created.extend(reversed(missing_dirs))  # outermost first
+    tmps: dict[Path, Path] = {}
     result: dict[str, dict[str, Any]] = {}
+    ok = False
     try:
+        x = sample_input(ex.module.model, seed=seed)
+        ref = reference_outputs(ex.module, x)
+        for d in dict.fromkeys(p.parent for p in dests.values()):
+            tmps[d] = Path(tempfile.mkdtemp(prefix=".mtc-export-", dir=d))
         for stem, m in items.items():
-            p = tmp / f"{stem}.onnx"
+            p = tmps[dests[stem].parent] / dests[stem].name
             _save_checked(m, p)
             result[stem] = {"diff": verify(p, ex.module, provider=provider, tolerance=tolerance, reference=ref, x=x)}
-        for stem in items:
-            for f in tmp.glob(f"{stem}.onnx*"):
-                os.replace(f, dst / f.name)
-            result[stem]["path"] = str(dst / f"{stem}.onnx")
+        for stem, dst in dests.items():
+            tmp = tmps[dst.parent]
+            for f in (tmp / dst.name, tmp / f"{dst.name}.data"):  # the model and its external data, if any
+                if f.exists():
+                    os.replace(f, dst.parent / f.name)
+            result[stem]["path"] = str(dst)
+        ok = True
     finally:
-        with contextlib.suppress(OSError):
-            shutil.rmtree(tmp)
+        for t in tmps.values():
+            with contextlib.suppress(OSError):
+                shutil.rmtree(t)
+        if not ok:
+            for d in reversed(created):  # innermost first; only folders left empty
+                with contextlib.suppress(OSError):
+                    d.rmdir()
     return result
+
+
+@dataclass
+class OutputPlan:
+    """Which models ``mtc export`` writes, and where."""
+
+    tasks: list[str]
+    fused: bool
+    paths: dict[str, Path]  # model stem (task or "fused") -> destination file
+    report: Path  # where the deployment report goes
+
+
+def plan_outputs(model: ir.Model, out: str | os.PathLike[str], *, tasks: Sequence[str] = (),
+                 all_tasks: bool = False, fused: bool | None = None) -> OutputPlan:
+    """The models to export and their files, from the ``mtc export`` selectors and ``-o``.
+
+    Selection: ``tasks`` (``--task``, repeatable) or ``all_tasks`` (``--all``) pick per-task
+    models, and the fused model is added only with ``fused=True``; ``fused=True`` alone picks only
+    the fused model. With neither ``tasks`` nor ``all_tasks`` and ``fused`` not True, every task is
+    exported, plus the fused model unless ``fused`` is False (the default of old).
+
+    Output: when exactly one model is exported and ``out`` ends with ``.onnx`` it is that file and
+    the report goes to ``<stem>.report.json`` beside it; otherwise ``out`` is a folder holding
+    ``<task>.onnx``, ``fused.onnx`` and ``report.json``.
+
+    Raises:
+        MtcError: an unknown task, ``--all`` with ``--task``, or a ``.onnx`` output for several models.
+    """
+    order = [t.name for t in sg.tasks_of(model) or []]
+    if all_tasks and tasks:
+        raise MtcError("--all and --task exclude each other")
+    for t in tasks:
+        if t not in order:
+            raise MtcError(f"task '{t}' is not in the run (tasks: {', '.join(order)})")
+    if all_tasks or tasks:
+        wanted, with_fused = (order if all_tasks else list(dict.fromkeys(tasks))), bool(fused)
+    elif fused:
+        wanted, with_fused = [], True
+    else:
+        wanted, with_fused = order, fused is None
+    if with_fused and FUSED in wanted:
+        raise MtcError(f"a task named '{FUSED}' clashes with the fused model's file name")
+    stems = wanted + ([FUSED] if with_fused else [])
+    o = Path(out)
+    if str(out).lower().endswith(".onnx"):
+        if len(stems) != 1:
+            raise MtcError(f"a .onnx output holds one model but {len(stems)} would be written "
+                           f"({', '.join(stems)}): give a folder, or pick one (--task T or --fused alone)",
+                           file=str(out))
+        if o.is_dir():
+            raise MtcError("is a directory, expected the .onnx file to write", file=str(out))
+        return OutputPlan(wanted, with_fused, {stems[0]: o}, o.with_name(o.name[: -len(".onnx")] + ".report.json"))
+    if o.exists() and not o.is_dir():
+        raise MtcError("exists and is not a folder (a single model's file must end with .onnx)", file=str(out))
+    return OutputPlan(wanted, with_fused, {s: o / f"{s}.onnx" for s in stems}, o / REPORT)
 
 
 # --- run directories --------------------------------------------------------------------------------
@@ -249,12 +341,13 @@ def write_verified(ex: Exported, out_dir: str | os.PathLike[str], *, provider: s
 
 @dataclass
 class RunInputs:
-    """What export reads from a run directory."""
+    """What export reads from a run directory or a supergraph file."""
 
     model: ir.Model
     policy: sg.Policy
-    weights: dict[str, torch.Tensor]
+    weights: dict[str, torch.Tensor] | None  # None: the supergraph's initial weights
     supergraph_path: str
+    weights_path: str | None = None
 
 
 def read_policy(path: str | os.PathLike[str], model: ir.Model) -> sg.Policy:
@@ -273,8 +366,36 @@ def read_policy(path: str | os.PathLike[str], model: ir.Model) -> sg.Policy:
     return policy
 
 
-def load_run(run_dir: str | os.PathLike[str], *, policy_file: str | os.PathLike[str] | None = None) -> RunInputs:
+def read_weights(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """The state dict of the fixed-mode lowered module from a file: a checkpoint written by
+    ``mtc train`` (``{"module": state_dict, ...}``) or a plain state dict saved with ``torch.save``.
+
+    Raises:
+        MtcError: the file is missing, corrupt, or holds neither.
+    """
+    from mtc.train.run import read_checkpoint
+
+    state = read_checkpoint(path)
+    if isinstance(state, Mapping) and isinstance(state.get("module"), Mapping):
+        state = state["module"]
+    if isinstance(state, torch.nn.Module):
+        state = state.state_dict()
+    if not (isinstance(state, Mapping) and state
+            and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items())):
+        raise MtcError("not weights: expected an mtc train checkpoint ({'module': state_dict}) or a state dict "
+                       "of tensors", file=str(path))
+    return dict(state)
+
+
+def load_run(run_dir: str | os.PathLike[str], *, policy_file: str | os.PathLike[str] | None = None,
+             weights_file: str | os.PathLike[str] | None = None) -> RunInputs:
     """The supergraph, policy and final trained weights of a run directory.
+
+    Args:
+        run_dir: the run directory.
+        policy_file: a policy JSON instead of the run's ``policy.json``.
+        weights_file: weights (see :func:`read_weights`) instead of ``checkpoints/train.pt``,
+            which then need not exist.
 
     Raises:
         MtcError: not a run directory, no final checkpoint (``checkpoints/train.pt``), or a policy
@@ -291,12 +412,48 @@ def load_run(run_dir: str | os.PathLike[str], *, policy_file: str | os.PathLike[
     model = load(sg_path)
     if not sg.is_supergraph(model):
         raise MtcError("not a supergraph", file=str(sg_path))
-    if not run.has_checkpoint("train"):
+    if weights_file is None and not run.has_checkpoint("train"):
         raise MtcError("no final checkpoint (checkpoints/train.pt): train the run first (mtc train RUN_DIR)",
                        file=str(run_dir))
     policy = read_policy(policy_file if policy_file is not None else run.file("policy.json"), model)
+    if weights_file is not None:
+        return RunInputs(model=model, policy=policy, weights=read_weights(weights_file),
+                         supergraph_path=str(sg_path), weights_path=str(weights_file))
     state = run.load_checkpoint("train")["module"]
-    return RunInputs(model=model, policy=policy, weights=state, supergraph_path=str(sg_path))
+    return RunInputs(model=model, policy=policy, weights=state, supergraph_path=str(sg_path),
+                     weights_path=str(run.path / "checkpoints" / "train.pt"))
+
+
+def load_source(source: str | os.PathLike[str], *, policy_file: str | os.PathLike[str] | None = None,
+                weights_file: str | os.PathLike[str] | None = None) -> RunInputs:
+    """What ``mtc export SOURCE`` exports: a run directory (:func:`load_run`) or a supergraph file.
+
+    A supergraph file needs ``policy_file``; ``weights_file`` is optional (None: the supergraph's
+    initial weights, ``RunInputs.weights`` is None). For a run directory, ``weights_file``
+    replaces ``checkpoints/train.pt``.
+
+    Raises:
+        MtcError: no such source, a file that is not a supergraph, no policy for a supergraph file,
+            a policy that does not match, or a weights file that is corrupt or not weights.
+    """
+    from mtc.ir.io import load
+
+    p = Path(source)
+    if p.is_dir():
+        return load_run(p, policy_file=policy_file, weights_file=weights_file)
+    if not p.exists():
+        raise MtcError("no such run directory or supergraph file", file=str(source))
+    model = load(p)
+    if not sg.is_supergraph(model):
+        raise MtcError("not a supergraph: give a run directory or a file written by mtc compile --tasks",
+                       file=str(source))
+    if policy_file is None:
+        raise MtcError("a supergraph source needs --policy FILE (a run's policy.json, or {vcn: {task: choice}})",
+                       file=str(source))
+    policy = read_policy(policy_file, model)
+    weights = read_weights(weights_file) if weights_file is not None else None
+    return RunInputs(model=model, policy=policy, weights=weights, supergraph_path=str(p),
+                     weights_path=str(weights_file) if weights_file is not None else None)
 
 
 def verify_against(path: str | os.PathLike[str], run_dir: str | os.PathLike[str], *, task: str | None = None,

@@ -105,17 +105,11 @@ def bind(module: Any) -> ir.Model:
     return model
 
 
-def _merge_names(records: list[sg.VcnRecord]) -> set[str]:
-    # specialize names the Concat that replaces a Gate after it (see Specialize._gate).
-    return {r.gate.replace(".gate", ".merge") for r in records}
-
-
-def ungroup(spec: ir.Model, records: list[sg.VcnRecord]) -> ir.Model:
+def ungroup(spec: ir.Model) -> ir.Model:
     """Rewrite a specialised graph's stacked tensors into one tensor per group (on a clone).
 
     Args:
         spec: the output of :func:`bind` (a specialised, weight-bound graph).
-        records: the supergraph's VCN records (for the names of the Gate merges).
 
     Returns:
         plain ONNX computing every task output, each operator once per group of identical streams.
@@ -123,7 +117,6 @@ def ungroup(spec: ir.Model, records: list[sg.VcnRecord]) -> ir.Model:
     """
     model = spec.clone()
     g = model.graph
-    merges = _merge_names(records)
     if len(g.inputs) != 1:
         raise MtcError(f"export expects a supergraph with one input, this one has {len(g.inputs)}")
     parts: dict[ir.Value, list[ir.Value]] = {g.inputs[0]: [g.inputs[0]]}
@@ -141,7 +134,7 @@ def ungroup(spec: ir.Model, records: list[sg.VcnRecord]) -> ir.Model:
                                f"{len(src)}", node=node.name, op="Regroup")
             parts[node.outputs[0]] = [src[i] for i in index]
             continue
-        if node.op_type == "Concat" and node.name in merges:
+        if node.op_type == "Concat" and sg.MERGE_KEY in node.metadata_props:
             parts[node.outputs[0]] = [p for v in node.inputs if v is not None for p in parts[v]]
             continue
         counts = {len(parts[v]) for v in stacked}

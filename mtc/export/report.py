@@ -17,12 +17,12 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from mtc.export.api import Exported, export_graphs, sample_input, session
+from mtc.export.api import REPORT, Exported, export_graphs, sample_input, session
 from mtc.ir import supergraph as sg
 from mtc.ir.cost import model_cost
 from mtc.ir.io import atomic_write
 
-REPORT = "report.json"
+__all__ = ["REPORT", "deployment_report", "latency_ms", "print_report"]
 
 
 def latency_ms(model: ir.Model, x: np.ndarray, *, provider: str = "cpu", warmup: int = 5, repeat: int = 30) -> float:
@@ -45,13 +45,18 @@ def _cost(model: ir.Model) -> dict[str, int]:
 
 
 def deployment_report(model: ir.Model, ex: Exported, out_dir: str | os.PathLike[str] | None = None, *,
-                      provider: str = "cpu", repeat: int = 30, batch: int = 1) -> dict[str, Any]:
+                      path: str | os.PathLike[str] | None = None, provider: str = "cpu", repeat: int = 30,
+                      batch: int = 1) -> dict[str, Any]:
     """Measure the exported models against the backbone with each task's head.
+
+    The fused model stands next to the sum of every task's model, including tasks not exported
+    (their models are built from the same lowering just for the sum).
 
     Args:
         model: the supergraph the models were exported from.
         ex: the exported graphs.
-        out_dir: where to write ``report.json`` (None: do not write).
+        out_dir: a folder to write ``report.json`` into (None: do not write).
+        path: the report file to write instead (e.g. ``seg.report.json`` beside ``seg.onnx``).
         provider: onnxruntime execution provider (``cpu`` or ``cuda``).
         repeat: timed runs per model (median reported).
         batch: input batch size for the timings.
@@ -67,11 +72,21 @@ def deployment_report(model: ir.Model, ex: Exported, out_dir: str | os.PathLike[
     rep: dict[str, Any] = {"provider": provider, "batch": batch, "repeat": repeat,
                            "tasks": {t: rows[t] for t in order if t in rows}}
     if ex.fused is not None:
-        summed = {k: sum(r["exported"][k] for r in rows.values()) for k in ("params", "macs", "latency_ms")}
+        missing = [t for t in order if t not in rows]
+        extra: dict[str, Any] = {}
+        if missing:
+            if ex.policy is None:
+                raise ValueError("the fused report needs every task's model or the export policy")
+            more = export_graphs(model, ex.policy, ex.module, tasks=missing, fused=False, fold_bn=ex.fold_bn)
+            extra = {t: {"exported": {**_cost(m), "latency_ms": latency_ms(m, x, provider=provider, repeat=repeat)}}
+                     for t, m in more.tasks.items()}
+        per_task = [r["exported"] for r in (*rows.values(), *extra.values())]
+        summed = {k: sum(r[k] for r in per_task) for k in ("params", "macs", "latency_ms")}
         rep["fused"] = {**_cost(ex.fused), "latency_ms": latency_ms(ex.fused, x, provider=provider, repeat=repeat),
                         "sum_of_tasks": summed}
-    if out_dir is not None:
+    if path is None and out_dir is not None:
         path = Path(out_dir) / REPORT
+    if path is not None:
         with atomic_write(path) as f:
             json.dump(rep, f, indent=2)
             f.write("\n")

@@ -28,6 +28,22 @@ def file_digest(path: str | os.PathLike[str]) -> str:
     return h.hexdigest()
 
 
+def read_checkpoint(path: str | os.PathLike[str]) -> Any:
+    """``torch.load`` a checkpoint file onto the CPU (whatever it holds).
+
+    Raises:
+        MtcError: the file is missing or cannot be unpickled (corrupt, truncated, not torch).
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise MtcError("no such checkpoint file", file=str(p))
+    try:
+        return torch.load(p, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise MtcError(f"corrupt checkpoint ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})",
+                       file=str(p)) from None
+
+
 class RunDir:
     """Everything a run writes lives in one directory, so any command can continue from it."""
 
@@ -103,11 +119,7 @@ class RunDir:
         p = self.path / "checkpoints" / f"{name}.pt"
         if not p.exists():
             raise MtcError(f"no checkpoint '{name}' in the run directory", file=str(self.path))
-        try:
-            state = torch.load(p, map_location="cpu", weights_only=False)
-        except Exception as e:
-            raise MtcError(f"corrupt checkpoint ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})",
-                           file=str(p)) from None
+        state = read_checkpoint(p)
         if not isinstance(state, dict) or "module" not in state:
             raise MtcError("corrupt checkpoint (not an mtc checkpoint)", file=str(p))
         return state

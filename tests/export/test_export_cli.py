@@ -93,3 +93,135 @@ def test_verify_against_the_run(run, tmp_path):
     r = mtc("verify", "o/a.onnx", "--against", str(run), "--task", "a", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "no output 'b'" in _bad(mtc("verify", "o/a.onnx", "--against", str(run), "--task", "b", cwd=tmp_path))
+
+
+# --- the command-line forms: one task to a file, --all to a folder, --fused to a file, a supergraph source ---
+
+
+def _outputs(path) -> list[str]:
+    m = onnx.load(str(path))
+    onnx.checker.check_model(m, full_check=True)
+    return [o.name for o in m.graph.output]
+
+
+def _ort(path, x):
+    from conftest import run_ort
+
+    return run_ort(str(path), {onnx.load(str(path)).graph.input[0].name: x})
+
+
+def _x():
+    import numpy as np
+
+    return np.random.default_rng(3).standard_normal((2, 3, 32, 32)).astype(np.float32)
+
+
+def test_one_task_to_a_file_with_its_report_beside_it(run, tmp_path):
+    r = mtc("export", str(run), "--task", "a", "-o", "deploy/a_model.onnx", "--repeat", "2", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in (tmp_path / "deploy").iterdir()) == ["a_model.onnx", "a_model.report.json"]
+    assert _outputs(tmp_path / "deploy" / "a_model.onnx") == ["a"]
+    rep = json.loads((tmp_path / "deploy" / "a_model.report.json").read_text())
+    assert set(rep["tasks"]) == {"a"} and "fused" not in rep
+    r = mtc("verify", "deploy/a_model.onnx", "--against", str(run), "--task", "a", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+
+
+def test_all_tasks_to_a_folder_without_fused(run, tmp_path):
+    r = mtc("export", str(run), "--all", "-o", "out/", "--no-report", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.onnx", "b.onnx"]
+    assert _outputs(tmp_path / "out" / "a.onnx") == ["a"] and _outputs(tmp_path / "out" / "b.onnx") == ["b"]
+    r = mtc("verify", "out/b.onnx", "--against", str(run), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+
+
+def test_fused_only_to_a_file(run, tmp_path):
+    r = mtc("export", str(run), "--fused", "-o", "all.onnx", "--repeat", "1", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["all.onnx", "all.report.json"]
+    assert _outputs(tmp_path / "all.onnx") == ["a", "b"]
+    rep = json.loads((tmp_path / "all.report.json").read_text())
+    assert rep["tasks"] == {} and rep["fused"]["sum_of_tasks"]["macs"] >= rep["fused"]["macs"] > 0
+    r = mtc("verify", "all.onnx", "--against", str(run), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "a:" in r.stdout and "b:" in r.stdout
+
+
+def test_an_onnx_output_for_several_models_is_an_error(run, tmp_path):
+    assert "2 would be written" in _bad(mtc("export", str(run), "--all", "-o", "x.onnx", cwd=tmp_path))
+    assert "3 would be written" in _bad(mtc("export", str(run), "-o", "x.onnx", cwd=tmp_path))
+    assert "(a, fused)" in _bad(mtc("export", str(run), "--task", "a", "--fused", "-o", "sub/x.onnx",
+                                    cwd=tmp_path))
+    assert "exclude" in _bad(mtc("export", str(run), "--all", "--task", "a", "-o", "o", cwd=tmp_path))
+    assert list(tmp_path.iterdir()) == []
+
+
+def _supergraph(run):
+    cfg = json.loads((run / "config.json").read_text())
+    return run / cfg.get("supergraph", "super.mtc.onnx")
+
+
+def test_supergraph_source_without_weights_matches_the_lowering(run, tmp_path):
+    from conftest import rel_err
+
+    from mtc.export import graph as eg
+    from mtc.export.api import read_policy, reference_outputs
+    from mtc.ir.io import load
+
+    sup = _supergraph(run)
+    r = mtc("export", str(sup), "--policy", str(run / "policy.json"), "--fused", "-o", "f.onnx", "--no-report",
+            cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.strip().splitlines() == [
+        "mtc: note: no --weights: exporting the supergraph's initial (untrained) weights"]
+    assert _outputs(tmp_path / "f.onnx") == ["a", "b"]
+    model = load(sup)
+    ref = reference_outputs(eg.fixed_module(model, read_policy(run / "policy.json", model)), _x())
+    for name, got in zip(["a", "b"], _ort(tmp_path / "f.onnx", _x()), strict=True):
+        assert rel_err(got, ref[name]) <= 1e-4
+
+
+def test_supergraph_source_with_weights_matches_the_run(run, tmp_path):
+    import numpy as np
+    import torch
+
+    mtc("export", str(run), "--fused", "-o", "run.onnx", "--no-report", cwd=tmp_path, check=True)
+    ckpt = run / "checkpoints" / "train.pt"
+    torch.save(torch.load(ckpt, map_location="cpu", weights_only=False)["module"], tmp_path / "sd.pt")
+    sup, pol = str(_supergraph(run)), str(run / "policy.json")
+    r = mtc("export", sup, "--policy", pol, "--weights", str(ckpt), "--fused", "-o", "ckpt.onnx", "--no-report",
+            cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.strip() == ""
+    mtc("export", sup, "--policy", pol, "--weights", "sd.pt", "--task", "b", "-o", "sd_b.onnx", "--no-report",
+        cwd=tmp_path, check=True)
+    # --weights with a run directory replaces checkpoints/train.pt
+    mtc("export", str(run), "--weights", "sd.pt", "--fused", "-o", "override.onnx", "--no-report", cwd=tmp_path,
+        check=True)
+    x = _x()
+    want = _ort(tmp_path / "run.onnx", x)
+    for f in ("ckpt.onnx", "override.onnx"):
+        for got, ref in zip(_ort(tmp_path / f, x), want, strict=True):
+            np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(_ort(tmp_path / "sd_b.onnx", x)[0], want[1], rtol=1e-5, atol=1e-6)
+    r = mtc("verify", "ckpt.onnx", "--against", str(run), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+
+
+def test_supergraph_source_errors(run, tmp_path):
+    import torch
+
+    sup, pol = str(_supergraph(run)), str(run / "policy.json")
+    assert "needs --policy" in _bad(mtc("export", sup, "--task", "a", "-o", "a.onnx", cwd=tmp_path))
+    backbone = str(BACKBONES / "tiny_resnet.onnx")
+    assert "not a supergraph" in _bad(mtc("export", backbone, "--policy", pol, "-o", "o", cwd=tmp_path))
+    (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint at all")
+    assert "corrupt checkpoint" in _bad(mtc("export", sup, "--policy", pol, "--weights", "garbage.pt", "-o", "o",
+                                            cwd=tmp_path))
+    torch.save({"conv.weight": torch.zeros(1)}, tmp_path / "misfit.pt")
+    assert "do not fit" in _bad(mtc("export", sup, "--policy", pol, "--weights", "misfit.pt", "-o", "o",
+                                    cwd=tmp_path))
+    torch.save([1, 2], tmp_path / "list.pt")
+    assert "not weights" in _bad(mtc("export", str(run), "--weights", "list.pt", "-o", "o", cwd=tmp_path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["garbage.pt", "list.pt", "misfit.pt"]
