@@ -333,7 +333,10 @@ def _task_weights(text: str | None, tasks) -> dict[str, float] | None:
 @click.option("--batch-size", type=int, default=8, show_default=True)
 @click.option("--weight-lr", type=float, default=1e-3, show_default=True, help="AutoMTL Table 1.")
 @click.option("--policy-lr", type=float, default=1e-2, show_default=True, help="AutoMTL Table 1.")
-@click.option("--lambda-reg", type=float, default=1e-3, show_default=True, help="Weight of Eq. 3 (NYUv2 row).")
+@click.option("--lambda-reg", type=float, default=1e-3, show_default=True,
+              help="Weight of Eq. 3 (Table 1, NYUv2 row), for the paper's 20,000 policy steps.")
+@click.option("--lambda-reg-scaling", type=click.Choice(["budget", "none"]), default="budget", show_default=True,
+              help="budget: use λ_reg · 20000 / policy-steps, the same total pull as the paper's; none: as given.")
 @click.option("--task-weights", default=None, metavar="t=w,..", help="λ_i per task (default 1).")
 @click.option("--tau0", type=float, default=5.0, show_default=True, help="Initial Gumbel temperature.")
 @click.option("--hard", is_flag=True, help="Straight-through one-hot Gumbel samples.")
@@ -346,7 +349,8 @@ def _task_weights(text: str | None, tasks) -> dict[str, float] | None:
 @click.option("--amp", is_flag=True, help="bfloat16 autocast (CUDA only).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def search_cmd(supergraph: str, data: str, run_dir: str, pretrain_steps: int, policy_steps: int, batch_size: int,
-               weight_lr: float, policy_lr: float, lambda_reg: float, task_weights: str | None, tau0: float,
+               weight_lr: float, policy_lr: float, lambda_reg: float, lambda_reg_scaling: str,
+               task_weights: str | None, tau0: float,
                hard: bool, sample: int, checkpoint_every: int, seed: int, device: str | None, resume: bool,
                amp: bool, quiet: bool) -> None:
     """AutoMTL search: pre-train the supergraph, then train weights and policy alternately."""
@@ -371,6 +375,7 @@ def search_cmd(supergraph: str, data: str, run_dir: str, pretrain_steps: int, po
     tasks = sg.tasks_of(model) or []
     opts = SearchOptions(pretrain_steps=pretrain_steps, policy_steps=policy_steps, batch_size=batch_size,
                          weight_lr=weight_lr, policy_lr=policy_lr, lambda_reg=lambda_reg,
+                         lambda_reg_scaling=lambda_reg_scaling,
                          task_weights=_task_weights(task_weights, tasks), tau0=tau0, hard=hard, sample=sample,
                          checkpoint_every=checkpoint_every, seed=seed, amp=amp)
     dev = _device(device, amp)
@@ -518,30 +523,51 @@ def report_cmd(dirs: tuple[str, ...], out: str) -> None:
 
 
 @main.command("export")
-@click.argument("run_dir", type=click.Path(file_okay=False))
-@click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False),
-              help="Output folder: <task>.onnx per task and fused.onnx.")
-@click.option("--task", "tasks", multiple=True, metavar="T", help="Export only these tasks (repeatable; default all).")
-@click.option("--fused/--no-fused", default=True, show_default=True, help="Also write fused.onnx (all tasks).")
+@click.argument("source", type=click.Path())
+@click.option("-o", "--out", "out", required=True, type=click.Path(),
+              help="A .onnx file when exactly one model is exported, otherwise a folder: <task>.onnx per task "
+                   "and fused.onnx.")
+@click.option("--task", "tasks", multiple=True, metavar="T", help="Export this task's model (repeatable).")
+@click.option("--all", "all_tasks", is_flag=True, help="Export every task's model.")
+@click.option("--fused/--no-fused", default=None,
+              help="Export the fused model of all tasks (alone: only it). With no --task/--all/--fused, every "
+                   "task and the fused model are exported; --no-fused drops the fused model.")
 @click.option("--fold-bn", is_flag=True, help="Fold BatchNormalization into the preceding Conv.")
 @click.option("--policy", "policy_file", type=click.Path(dir_okay=False), default=None,
-              help="A policy JSON instead of the run's policy.json (it must be the one trained).")
+              help="The policy JSON: required for a supergraph SOURCE; for a run directory, instead of its "
+                   "policy.json (it must be the one trained).")
+@click.option("--weights", "weights_file", type=click.Path(dir_okay=False), default=None,
+              help="Trained weights (an mtc train checkpoint or a torch.save'd state dict of the fixed-policy "
+                   "lowering): for a supergraph SOURCE (default: its initial weights), or instead of a run's "
+                   "checkpoints/train.pt.")
 @click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
               help="onnxruntime execution provider for verification and the report.")
 @click.option("--report/--no-report", default=True, show_default=True,
-              help="Measure and print the deployment report (writes OUT/report.json).")
+              help="Measure and print the deployment report (report.json in the folder, or <stem>.report.json "
+                   "beside a single file).")
 @click.option("--repeat", type=int, default=30, show_default=True, help="Timed runs per model in the report.")
-def export_cmd(run_dir: str, out_dir: str, tasks: tuple[str, ...], fused: bool, fold_bn: bool,
-               policy_file: str | None, provider: str, report: bool, repeat: int) -> None:
-    """Export a trained run: one pruned ONNX per task and a fused one, verified in onnxruntime."""
-    from mtc.export.api import VerificationError, export_graphs, load_run, providers, write_verified
+def export_cmd(source: str, out: str, tasks: tuple[str, ...], all_tasks: bool, fused: bool | None, fold_bn: bool,
+               policy_file: str | None, weights_file: str | None, provider: str, report: bool, repeat: int) -> None:
+    """Export SOURCE (a trained run directory, or a supergraph file with --policy) to ONNX: per-task
+    pruned models and/or the fused one, each verified in onnxruntime before it is written."""
+    from mtc.export.api import (
+        VerificationError,
+        export_graphs,
+        load_source,
+        plan_outputs,
+        providers,
+        write_verified,
+    )
 
     providers(provider)  # a clear message before any work when CUDA is unavailable
-    inputs = load_run(run_dir, policy_file=policy_file)
-    ex = export_graphs(inputs.model, inputs.policy, inputs.weights, tasks=list(tasks) or None, fused=fused,
+    inputs = load_source(source, policy_file=policy_file, weights_file=weights_file)
+    plan = plan_outputs(inputs.model, out, tasks=tasks, all_tasks=all_tasks, fused=fused)
+    ex = export_graphs(inputs.model, inputs.policy, inputs.weights, tasks=plan.tasks, fused=plan.fused,
                        fold_bn=fold_bn)
+    if inputs.weights is None:
+        click.echo("mtc: note: no --weights: exporting the supergraph's initial (untrained) weights", err=True)
     try:
-        written = write_verified(ex, out_dir, provider=provider)
+        written = write_verified(ex, plan.paths, provider=provider)
     except VerificationError as e:
         click.echo(f"mtc: verification failed: {e}; no file written", err=True)
         sys.exit(VerificationError.exit_code)
@@ -551,7 +577,7 @@ def export_cmd(run_dir: str, out_dir: str, tasks: tuple[str, ...], fused: bool, 
     if report:
         from mtc.export.report import deployment_report, print_report
 
-        rep = deployment_report(inputs.model, ex, out_dir, provider=provider, repeat=repeat)
+        rep = deployment_report(inputs.model, ex, path=plan.report, provider=provider, repeat=repeat)
         click.echo(print_report(rep))
         click.echo(f"wrote {rep['path']}")
 

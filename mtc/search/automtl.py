@@ -29,6 +29,11 @@ DEFAULTS = {
     "tau0": 5.0,
 }
 
+#: AutoMTL section 6.1: 20,000 policy-train iterations (CityScapes, NYUv2), the budget for which
+#: Table 1 gives λ_reg. See :meth:`SearchOptions.effective_lambda_reg`.
+PAPER_POLICY_STEPS = 20_000
+LAMBDA_REG_SCALINGS = ("budget", "none")
+
 
 def distributions(logits: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """π per VCN: softmax of its ``[tasks, 3]`` logits."""
@@ -141,6 +146,7 @@ class SearchOptions:
     lr_decay: float = DEFAULTS["lr_decay"]
     lr_decay_every: int = int(DEFAULTS["lr_decay_every"])
     lambda_reg: float = DEFAULTS["lambda_reg"]
+    lambda_reg_scaling: str = "budget"  # or "none"; see effective_lambda_reg
     task_weights: dict[str, float] | None = None
     tau0: float = DEFAULTS["tau0"]
     tau_min: float = 0.1
@@ -153,6 +159,28 @@ class SearchOptions:
     sample: int = 0  # --sample K: draw K policies and keep the best on validation
     eval_batches: int = 4
     amp: bool = False  # bfloat16 autocast on CUDA
+
+    def __post_init__(self) -> None:
+        if self.lambda_reg_scaling not in LAMBDA_REG_SCALINGS:
+            raise MtcError(f"unknown λ_reg scaling '{self.lambda_reg_scaling}' (expected "
+                           f"{' or '.join(LAMBDA_REG_SCALINGS)})")
+        if self.lambda_reg < 0:
+            raise MtcError(f"--lambda-reg must be >= 0, got {self.lambda_reg}")
+
+    def effective_lambda_reg(self) -> float:
+        """The weight of L_reg per policy step.
+
+        ``budget`` (default): ``λ_reg · 20,000 / policy_steps``. The logits train with Adam, whose
+        steps are normalised by the gradient's RMS, which the noisy task losses dominate; the
+        regulariser's steady gradient therefore moves the logits in proportion to λ_reg times the
+        number of steps. Table 1's λ_reg is for the paper's 20,000 policy-train iterations, so a
+        shorter search gets the same total pull from a proportionally larger weight (at the default
+        400 steps, 0.05). Without it, the paper's 0.001 over 400 steps changes no choice at all
+        (docs/search.md). ``none``: λ_reg as given.
+        """
+        if self.lambda_reg_scaling == "none":
+            return self.lambda_reg
+        return self.lambda_reg * PAPER_POLICY_STEPS / max(1, self.policy_steps)
 
 
 def run_search(run: Any, model: Any, train: Any, val: Any, opts: SearchOptions, *, device: str = "cpu",
@@ -181,6 +209,7 @@ def run_search(run: Any, model: Any, train: Any, val: Any, opts: SearchOptions, 
     opt_w = torch.optim.Adam(weight_params, lr=opts.weight_lr)
     opt_p = torch.optim.Adam(list(logits.values()), lr=opts.policy_lr)
     sched = torch.optim.lr_scheduler.StepLR(opt_w, step_size=opts.lr_decay_every, gamma=opts.lr_decay)
+    lambda_reg = opts.effective_lambda_reg()
     tau = TauSchedule(opts.tau0, opts.tau_min, opts.tau_decay, max(1, opts.policy_steps))
 
     # AutoMTL's train1/train2: the weights and the policy learn from disjoint parts of the data.
@@ -250,12 +279,12 @@ def run_search(run: Any, model: Any, train: Any, val: Any, opts: SearchOptions, 
             plosses = task_losses(_forward(module, images, amp), targets, tasks)
             check_finite(plosses, stage, s)
             reg = policy_regularizer(logits, depths)
-            ploss = torch.stack([weights[k] * v for k, v in plosses.items()]).sum() + opts.lambda_reg * reg
+            ploss = torch.stack([weights[k] * v for k, v in plosses.items()]).sum() + lambda_reg * reg
             opt_w.zero_grad(set_to_none=True)
             opt_p.zero_grad(set_to_none=True)
             ploss.backward()
             opt_p.step()
-            record = {"stage": stage, "step": s, "tau": tau(s), "reg": float(reg.detach()),
+            record = {"stage": stage, "step": s, "tau": tau(s), "reg": float(reg.detach()), "lambda_reg": lambda_reg,
                       "loss": {k: float(v.detach()) for k, v in losses.items()},
                       "policy_loss": {k: float(v.detach()) for k, v in plosses.items()}}
         g += 1
