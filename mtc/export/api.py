@@ -130,9 +130,14 @@ def providers(provider: str) -> list[str]:
 
 
 def session(path_or_model: str | os.PathLike[str] | ir.Model, provider: str = "cpu", *,
-            threads: int | None = None) -> Any:
-    """An onnxruntime session for a file or an in-memory model (``threads``: intra-op threads,
-    default onnxruntime's choice; benchmarks pin it)."""
+            threads: int | None = None, flush_denormals: bool = False, spinning: bool = True) -> Any:
+    """An onnxruntime session for a file or an in-memory model.
+
+    ``threads`` pins the intra-op threads (default: onnxruntime's choice) and ``flush_denormals``
+    treats denormals as zero, as the benchmarks do for torch (bench/common.py). ``spinning=False``
+    stops idle pool threads from busy-waiting: benchmarks that alternate several sessions on few
+    cores need it, or each session's spinning threads slow the next one down.
+    """
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -140,6 +145,10 @@ def session(path_or_model: str | os.PathLike[str] | ir.Model, provider: str = "c
     if threads is not None:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
+    if flush_denormals:
+        opts.add_session_config_entry("session.set_denormal_as_zero", "1")
+    if not spinning:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     src: Any = path_or_model
     if isinstance(path_or_model, ir.Model):
         src = ir.to_proto(path_or_model).SerializeToString()

@@ -182,3 +182,21 @@ def test_write_verified_leaves_nothing_on_mismatch(tmp_path):
     with pytest.raises(VerificationError, match="'b'"):
         write_verified(ex, tmp_path / "bad")
     assert not list((tmp_path / "bad").rglob("*.onnx*"))
+
+
+def test_large_models_go_to_external_data(tmp_path, monkeypatch):
+    # Exports above the protobuf limit are written with external data and checked by path; a
+    # lowered threshold makes the tiny models "large".
+    import mtc.ir.io as io
+
+    model = supergraph("tiny_resnet", 2)
+    policy = sg.Policy.random(model, seed=2)
+    ex = export_graphs(model, policy, perturbed(model, policy))
+    monkeypatch.setattr(io, "EXTERNAL_DATA_THRESHOLD", 10_000)
+    out = write_verified(ex, tmp_path)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["a.onnx", "a.onnx.data", "b.onnx", "b.onnx.data", "fused.onnx", "fused.onnx.data"]
+    assert (tmp_path / "fused.onnx").stat().st_size < (tmp_path / "fused.onnx.data").stat().st_size
+    onnx.checker.check_model(str(tmp_path / "fused.onnx"), full_check=True)
+    assert max(out["fused"]["diff"].values()) <= 1e-4
+    assert verify(tmp_path / "a.onnx", ex.module)["a"] <= 1e-4
