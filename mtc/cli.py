@@ -563,7 +563,7 @@ def export_cmd(source: str, out: str, tasks: tuple[str, ...], all_tasks: bool, f
     inputs = load_source(source, policy_file=policy_file, weights_file=weights_file)
     plan = plan_outputs(inputs.model, out, tasks=tasks, all_tasks=all_tasks, fused=fused)
     ex = export_graphs(inputs.model, inputs.policy, inputs.weights, tasks=plan.tasks, fused=plan.fused,
-                       fold_bn=fold_bn)
+                       fold_bn=fold_bn, weights_source=inputs.weights_path)
     if inputs.weights is None:
         click.echo("mtc: note: no --weights: exporting the supergraph's initial (untrained) weights", err=True)
     try:

@@ -57,6 +57,7 @@ def export_graphs(
     tasks: Sequence[str] | None = None,
     fused: bool = True,
     fold_bn: bool = False,
+    weights_source: str | None = None,
 ) -> Exported:
     """Per-task graphs (and the fused one) of ``model`` under ``policy`` with ``weights`` bound.
 
@@ -68,6 +69,7 @@ def export_graphs(
         tasks: the tasks to export one graph each for (default: all, in task order).
         fused: also build the fused graph of all tasks.
         fold_bn: fold BatchNormalization into the preceding Conv.
+        weights_source: the file ``weights`` came from, named in errors.
 
     Raises:
         MtcError: the policy, a task or the weights do not match the supergraph.
@@ -79,7 +81,7 @@ def export_graphs(
     for t in wanted:
         if t not in order:
             raise MtcError(f"task '{t}' is not in the run (tasks: {', '.join(order)})")
-    module = fixed_module = eg.fixed_module(model, policy, weights)
+    module = fixed_module = eg.fixed_module(model, policy, weights, source=weights_source)
     grouped = eg.ungroup(eg.bind(fixed_module))
     out = Exported(module=module, policy=policy, fold_bn=fold_bn)
     for t in wanted:

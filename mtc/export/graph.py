@@ -37,7 +37,8 @@ _DROP_METADATA = (sg.FORMAT_KEY, sg.VCNS_KEY, sg.OPTIONS_KEY)
 
 
 def fixed_module(model: ir.Model, policy: sg.Policy,
-                 weights: Mapping[str, torch.Tensor] | torch.nn.Module | None = None) -> Any:
+                 weights: Mapping[str, torch.Tensor] | torch.nn.Module | None = None, *,
+                 source: str | None = None) -> Any:
     """The fixed-policy lowering of ``model`` with ``weights`` loaded, in eval mode.
 
     Args:
@@ -45,6 +46,7 @@ def fixed_module(model: ir.Model, policy: sg.Policy,
         policy: the fixed policy (validated against the supergraph).
         weights: a state dict of the fixed-mode lowered module, the module itself (returned as
             is, in eval mode), or None for the supergraph's initial weights.
+        source: the file the weights came from, named in errors.
 
     Raises:
         MtcError: the policy does not match, or the weights do not fit the policy's network.
@@ -64,11 +66,11 @@ def fixed_module(model: ir.Model, policy: sg.Policy,
         if missing or extra:
             what = f"lacks '{missing[0]}'" if missing else f"has unknown '{extra[0]}'"
             raise MtcError(f"the weights do not fit the policy's network: the state dict {what} "
-                           f"({len(missing)} missing, {len(extra)} unknown)")
+                           f"({len(missing)} missing, {len(extra)} unknown)", file=source)
         bad = [k for k, v in state.items() if tuple(v.shape) != tuple(own[k].shape)]
         if bad:
             raise MtcError(f"the weights do not fit the policy's network: '{bad[0]}' has shape "
-                           f"{tuple(state[bad[0]].shape)}, expected {tuple(own[bad[0]].shape)}")
+                           f"{tuple(state[bad[0]].shape)}, expected {tuple(own[bad[0]].shape)}", file=source)
         module.load_state_dict(state)
     return module.eval()
 

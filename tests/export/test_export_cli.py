@@ -220,8 +220,8 @@ def test_supergraph_source_errors(run, tmp_path):
     assert "corrupt checkpoint" in _bad(mtc("export", sup, "--policy", pol, "--weights", "garbage.pt", "-o", "o",
                                             cwd=tmp_path))
     torch.save({"conv.weight": torch.zeros(1)}, tmp_path / "misfit.pt")
-    assert "do not fit" in _bad(mtc("export", sup, "--policy", pol, "--weights", "misfit.pt", "-o", "o",
-                                    cwd=tmp_path))
+    misfit = _bad(mtc("export", sup, "--policy", pol, "--weights", "misfit.pt", "-o", "o", cwd=tmp_path))
+    assert "do not fit" in misfit and "misfit.pt" in misfit
     torch.save([1, 2], tmp_path / "list.pt")
     assert "not weights" in _bad(mtc("export", str(run), "--weights", "list.pt", "-o", "o", cwd=tmp_path))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["garbage.pt", "list.pt", "misfit.pt"]
