@@ -63,7 +63,9 @@ def deployment_report(model: ir.Model, ex: Exported, out_dir: str | os.PathLike[
     """
     x = sample_input(ex.module.model, seed=0, batch=batch)
     order = [t.name for t in sg.tasks_of(model) or []]
-    base = export_graphs(model, sg.Policy.uniform(model, 0), None, tasks=list(ex.tasks), fused=False)
+    # The reference gets the same BatchNorm treatment, so MACs and latency compare like with like.
+    base = export_graphs(model, sg.Policy.uniform(model, 0), None, tasks=list(ex.tasks), fused=False,
+                         fold_bn=ex.fold_bn)
     rows: dict[str, Any] = {}
     for t, m in ex.tasks.items():
         ref = base.tasks[t]

@@ -200,3 +200,19 @@ def test_large_models_go_to_external_data(tmp_path, monkeypatch):
     onnx.checker.check_model(str(tmp_path / "fused.onnx"), full_check=True)
     assert max(out["fused"]["diff"].values()) <= 1e-4
     assert verify(tmp_path / "a.onnx", ex.module)["a"] <= 1e-4
+
+
+@pytest.mark.parametrize("fold_bn", [False, True])
+def test_report_compares_like_with_like(fold_bn):
+    # all shared: each task's model is the backbone with its head, so the report must show the same
+    # cost on both sides, with or without BatchNorm folding
+    from mtc.export.report import deployment_report
+
+    model = supergraph("tiny_resnet", 2)
+    ex = export_graphs(model, sg.Policy.uniform(model, "shared"), fold_bn=fold_bn)
+    rep = deployment_report(model, ex, repeat=1)
+    for t in ("a", "b"):
+        row = rep["tasks"][t]
+        assert row["exported"]["macs"] == row["backbone"]["macs"]
+        assert row["exported"]["params"] == row["backbone"]["params"]
+    assert rep["fused"]["macs"] < rep["fused"]["sum_of_tasks"]["macs"]
