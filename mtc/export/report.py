@@ -22,21 +22,35 @@ from mtc.ir import supergraph as sg
 from mtc.ir.cost import model_cost
 from mtc.ir.io import atomic_write
 
-__all__ = ["REPORT", "deployment_report", "latency_ms", "print_report"]
+__all__ = ["REPORT", "deployment_report", "latencies_ms", "latency_ms", "print_report"]
+
+
+def latencies_ms(models: dict[str, ir.Model], x: np.ndarray, *, provider: str = "cpu", warmup: int = 5,
+                 repeat: int = 30) -> dict[str, float]:
+    """Median onnxruntime latency of one run of each model in milliseconds.
+
+    The models run round-robin (order reversed every round) after ``warmup`` untimed rounds, so
+    drift in the machine's speed affects them alike; idle pool threads do not spin, so one
+    session's threads do not slow the next one down.
+    """
+    sessions = {k: session(m, provider, spinning=False) for k, m in models.items()}
+    feeds = {k: {s.get_inputs()[0].name: x} for k, s in sessions.items()}
+    names = list(sessions)
+    for _ in range(warmup):
+        for k in names:
+            sessions[k].run(None, feeds[k])
+    times: dict[str, list[float]] = {k: [] for k in names}
+    for r in range(max(1, repeat)):
+        for k in names if r % 2 == 0 else names[::-1]:
+            t0 = time.perf_counter()
+            sessions[k].run(None, feeds[k])
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) * 1e3 for k, v in times.items()}
 
 
 def latency_ms(model: ir.Model, x: np.ndarray, *, provider: str = "cpu", warmup: int = 5, repeat: int = 30) -> float:
     """Median onnxruntime latency of one run in milliseconds, after ``warmup`` untimed runs."""
-    sess = session(model, provider)
-    feed = {sess.get_inputs()[0].name: x}
-    for _ in range(warmup):
-        sess.run(None, feed)
-    times = []
-    for _ in range(max(1, repeat)):
-        t0 = time.perf_counter()
-        sess.run(None, feed)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
+    return latencies_ms({"m": model}, x, provider=provider, warmup=warmup, repeat=repeat)["m"]
 
 
 def _cost(model: ir.Model) -> dict[str, int]:
@@ -66,26 +80,28 @@ def deployment_report(model: ir.Model, ex: Exported, out_dir: str | os.PathLike[
     # The reference gets the same BatchNorm treatment, so MACs and latency compare like with like.
     base = export_graphs(model, sg.Policy.uniform(model, 0), None, tasks=list(ex.tasks), fused=False,
                          fold_bn=ex.fold_bn)
-    rows: dict[str, Any] = {}
+    timed: dict[str, ir.Model] = {}
     for t, m in ex.tasks.items():
-        ref = base.tasks[t]
-        rows[t] = {"exported": {**_cost(m), "latency_ms": latency_ms(m, x, provider=provider, repeat=repeat)},
-                   "backbone": {**_cost(ref), "latency_ms": latency_ms(ref, x, provider=provider, repeat=repeat)}}
-    rep: dict[str, Any] = {"provider": provider, "batch": batch, "repeat": repeat,
-                           "tasks": {t: rows[t] for t in order if t in rows}}
+        timed[f"exported/{t}"] = m
+        timed[f"backbone/{t}"] = base.tasks[t]
+    missing: list[str] = []
     if ex.fused is not None:
-        missing = [t for t in order if t not in rows]
-        extra: dict[str, Any] = {}
+        timed["fused"] = ex.fused
+        missing = [t for t in order if t not in ex.tasks]
         if missing:
             if ex.policy is None:
                 raise ValueError("the fused report needs every task's model or the export policy")
             more = export_graphs(model, ex.policy, ex.module, tasks=missing, fused=False, fold_bn=ex.fold_bn)
-            extra = {t: {"exported": {**_cost(m), "latency_ms": latency_ms(m, x, provider=provider, repeat=repeat)}}
-                     for t, m in more.tasks.items()}
-        per_task = [r["exported"] for r in (*rows.values(), *extra.values())]
+            timed.update({f"exported/{t}": m for t, m in more.tasks.items()})
+    ms = latencies_ms(timed, x, provider=provider, repeat=repeat)
+    rows = {t: {"exported": {**_cost(timed[f"exported/{t}"]), "latency_ms": ms[f"exported/{t}"]},
+                "backbone": {**_cost(timed[f"backbone/{t}"]), "latency_ms": ms[f"backbone/{t}"]}}
+            for t in order if t in ex.tasks}
+    rep: dict[str, Any] = {"provider": provider, "batch": batch, "repeat": repeat, "tasks": rows}
+    if ex.fused is not None:
+        per_task = [{**_cost(timed[f"exported/{t}"]), "latency_ms": ms[f"exported/{t}"]} for t in order]
         summed = {k: sum(r[k] for r in per_task) for k in ("params", "macs", "latency_ms")}
-        rep["fused"] = {**_cost(ex.fused), "latency_ms": latency_ms(ex.fused, x, provider=provider, repeat=repeat),
-                        "sum_of_tasks": summed}
+        rep["fused"] = {**_cost(ex.fused), "latency_ms": ms["fused"], "sum_of_tasks": summed}
     if path is None and out_dir is not None:
         path = Path(out_dir) / REPORT
     if path is not None:
