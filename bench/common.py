@@ -11,8 +11,7 @@ import os
 import platform
 import statistics
 import sys
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,8 @@ if str(ROOT) not in sys.path:  # run as `python bench/x.py` from a checkout
 
 import torch  # noqa: E402
 
+from mtc.timing import time_interleaved  # noqa: E402, F401  (re-exported for the benchmarks)
+
 
 def setup(threads: int | None = None, seed: int = 0) -> int:
     """Pin the thread count, flush denormals, seed torch; returns the thread count used."""
@@ -30,34 +31,6 @@ def setup(threads: int | None = None, seed: int = 0) -> int:
     torch.set_flush_denormal(True)
     torch.manual_seed(seed)
     return n
-
-
-def time_interleaved(fns: dict[str, Callable[[], Any]], *, warmup: int = 3, repeats: int = 15,
-                     sync: Callable[[], None] | None = None) -> dict[str, list[float]]:
-    """Seconds per call of each function, measured round-robin (order alternating each round).
-
-    Args:
-        fns: name -> a zero-argument step to time.
-        warmup: untimed rounds first (allocator, caches, lazy init).
-        repeats: timed rounds (at least 5 for a meaningful median).
-        sync: called after each step before the clock stops (``torch.cuda.synchronize``).
-    """
-    names = list(fns)
-    for _ in range(warmup):
-        for n in names:
-            fns[n]()
-    if sync:
-        sync()
-    times: dict[str, list[float]] = {n: [] for n in names}
-    for r in range(repeats):
-        order = names if r % 2 == 0 else names[::-1]
-        for n in order:
-            t0 = time.perf_counter()
-            fns[n]()
-            if sync:
-                sync()
-            times[n].append(time.perf_counter() - t0)
-    return times
 
 
 def median_ms(ts: Sequence[float]) -> float:

@@ -46,19 +46,12 @@ def kernel_ms(model, x, provider: str, threads: int, runs: int = 30) -> dict[str
     import os
     import tempfile
 
-    import onnx_ir as ir
-    import onnxruntime as ort
+    from mtc.export.api import session, session_options
 
-    from mtc.export.api import providers
-
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    opts.intra_op_num_threads = threads
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    opts.add_session_config_entry("session.set_denormal_as_zero", "1")
+    opts = session_options(threads=threads, flush_denormals=True, spinning=False)
     opts.enable_profiling = True
     opts.profile_file_prefix = os.path.join(tempfile.mkdtemp(prefix="mtc-prof-"), "p")
-    sess = ort.InferenceSession(ir.to_proto(model).SerializeToString(), opts, providers=providers(provider))
+    sess = session(model, provider, options=opts)
     feed = {sess.get_inputs()[0].name: x}
     for _ in range(runs):
         sess.run(None, feed)

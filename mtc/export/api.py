@@ -18,6 +18,7 @@ import torch
 from mtc.errors import MtcError
 from mtc.export import graph as eg
 from mtc.ir import supergraph as sg
+from mtc.ir.shapes import input_dims
 
 #: Verification tolerance: max |a - b| / max |reference| per output.
 TOLERANCE = 1e-4
@@ -99,16 +100,7 @@ def export_graphs(
 def sample_input(model: ir.Model, *, seed: int = 0, batch: int = 2) -> np.ndarray:
     """A seeded standard-normal input for ``model``'s one input (symbolic batch → ``batch``)."""
     x = model.graph.inputs[0]
-    if x.shape is None:
-        raise MtcError(f"input '{x.name}' has no shape: cannot make a verification input")
-    dims = []
-    for i, d in enumerate(x.shape):
-        if isinstance(d, int):
-            dims.append(d)
-        elif i == 0:
-            dims.append(batch)
-        else:
-            raise MtcError(f"input '{x.name}' has a symbolic dimension {i} ({d}): compile with --input-shape")
+    dims = input_dims(x, batch, "compile with --input-shape")
     dtype = x.dtype.numpy() if x.dtype is not None else np.float32
     return np.random.default_rng(seed).standard_normal(dims).astype(dtype)
 
@@ -131,15 +123,8 @@ def providers(provider: str) -> list[str]:
     return ["CUDAExecutionProvider", "CPUExecutionProvider"]
 
 
-def session(path_or_model: str | os.PathLike[str] | ir.Model, provider: str = "cpu", *,
-            threads: int | None = None, flush_denormals: bool = False, spinning: bool = True) -> Any:
-    """An onnxruntime session for a file or an in-memory model.
-
-    ``threads`` pins the intra-op threads (default: onnxruntime's choice) and ``flush_denormals``
-    treats denormals as zero, as the benchmarks do for torch (bench/common.py). ``spinning=False``
-    stops idle pool threads from busy-waiting: benchmarks that alternate several sessions on few
-    cores need it, or each session's spinning threads slow the next one down.
-    """
+def session_options(*, threads: int | None = None, flush_denormals: bool = False, spinning: bool = True) -> Any:
+    """onnxruntime ``SessionOptions``: quiet, and as :func:`session` describes its flags."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -151,6 +136,24 @@ def session(path_or_model: str | os.PathLike[str] | ir.Model, provider: str = "c
         opts.add_session_config_entry("session.set_denormal_as_zero", "1")
     if not spinning:
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return opts
+
+
+def session(path_or_model: str | os.PathLike[str] | ir.Model, provider: str = "cpu", *,
+            threads: int | None = None, flush_denormals: bool = False, spinning: bool = True,
+            options: Any = None) -> Any:
+    """An onnxruntime session for a file or an in-memory model.
+
+    ``threads`` pins the intra-op threads (default: onnxruntime's choice) and ``flush_denormals``
+    treats denormals as zero, as the benchmarks do for torch (bench/common.py). ``spinning=False``
+    stops idle pool threads from busy-waiting: benchmarks that alternate several sessions on few
+    cores need it, or each session's spinning threads slow the next one down. ``options``: ready
+    ``SessionOptions`` (from :func:`session_options`) instead of those three.
+    """
+    import onnxruntime as ort
+
+    opts = options if options is not None else session_options(
+        threads=threads, flush_denormals=flush_denormals, spinning=spinning)
     src: Any = path_or_model
     if isinstance(path_or_model, ir.Model):
         src = ir.to_proto(path_or_model).SerializeToString()
@@ -437,7 +440,7 @@ def load_run(run_dir: str | os.PathLike[str], *, policy_file: str | os.PathLike[
                          supergraph_path=str(sg_path), weights_path=str(weights_file))
     state = run.load_checkpoint("train")["module"]
     return RunInputs(model=model, policy=policy, weights=state, supergraph_path=str(sg_path),
-                     weights_path=str(run.path / "checkpoints" / "train.pt"))
+                     weights_path=str(run.checkpoint_path("train")))
 
 
 def load_source(source: str | os.PathLike[str], *, policy_file: str | os.PathLike[str] | None = None,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import statistics
-import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ from mtc.export.api import REPORT, Exported, export_graphs, sample_input, sessio
 from mtc.ir import supergraph as sg
 from mtc.ir.cost import model_cost
 from mtc.ir.io import atomic_write
+from mtc.timing import time_interleaved
 
 __all__ = ["REPORT", "deployment_report", "latencies_ms", "latency_ms", "print_report"]
 
@@ -34,17 +35,12 @@ def latencies_ms(models: dict[str, ir.Model], x: np.ndarray, *, provider: str = 
     session's threads do not slow the next one down.
     """
     sessions = {k: session(m, provider, spinning=False) for k, m in models.items()}
-    feeds = {k: {s.get_inputs()[0].name: x} for k, s in sessions.items()}
-    names = list(sessions)
-    for _ in range(warmup):
-        for k in names:
-            sessions[k].run(None, feeds[k])
-    times: dict[str, list[float]] = {k: [] for k in names}
-    for r in range(max(1, repeat)):
-        for k in names if r % 2 == 0 else names[::-1]:
-            t0 = time.perf_counter()
-            sessions[k].run(None, feeds[k])
-            times[k].append(time.perf_counter() - t0)
+
+    def step(s: Any) -> Callable[[], Any]:
+        feed = {s.get_inputs()[0].name: x}
+        return lambda: s.run(None, feed)
+
+    times = time_interleaved({k: step(s) for k, s in sessions.items()}, warmup=warmup, repeats=max(1, repeat))
     return {k: statistics.median(v) * 1e3 for k, v in times.items()}
 
 

@@ -74,6 +74,23 @@ def static_dims(value: ir.Value, batch: int = 1) -> tuple[int, ...] | None:
     return tuple(out)
 
 
+def input_dims(value: ir.Value, batch: int, hint: str) -> tuple[int, ...]:
+    """:func:`static_dims` of a graph input that must be concrete (to make data for it).
+
+    Raises:
+        MtcError: no shape, or a symbolic dimension other than the leading batch; ``hint`` says
+            what to do about it.
+    """
+    d = dims(value)
+    if d is None:
+        raise MtcError(f"input '{value.name}' has no shape: {hint}")
+    out = static_dims(value, batch)
+    if out is None:
+        i, x = next((i, x) for i, x in enumerate(d) if i > 0 and not isinstance(x, int))
+        raise MtcError(f"input '{value.name}' has symbolic dimension '{x}' at axis {i}: {hint}")
+    return out
+
+
 def format_shape(value: ir.Value) -> str:
     d = dims(value)
     if d is None:

@@ -10,6 +10,7 @@ import onnx_ir as ir
 import torch
 
 from mtc.errors import MtcError
+from mtc.ir.shapes import input_dims
 from mtc.lower.module import GraphModule, lower, to_numpy, to_torch
 
 #: Default tolerances: outputs agree to 1e-4 of their scale (max |reference|).
@@ -84,7 +85,7 @@ def random_inputs(model: ir.Model, *, seed: int = 0, batch: int = DEFAULT_BATCH)
     rng = np.random.default_rng(seed)
     out = []
     for v in _user_inputs(model):
-        shape = _concrete_shape(v, batch)
+        shape = input_dims(v, batch, "pass --input")
         dtype = v.dtype.numpy() if v.dtype is not None else np.float32
         if np.issubdtype(dtype, np.floating):
             out.append(rng.standard_normal(shape).astype(dtype))
@@ -98,20 +99,6 @@ def random_inputs(model: ir.Model, *, seed: int = 0, batch: int = DEFAULT_BATCH)
 def _user_inputs(model: ir.Model) -> list[ir.Value]:
     inits = model.graph.initializers
     return [v for v in model.graph.inputs if v.name not in inits]
-
-
-def _concrete_shape(v: ir.Value, batch: int) -> tuple[int, ...]:
-    if v.shape is None:
-        raise MtcError(f"input '{v.name}' has no shape: pass --input")
-    dims = []
-    for i, d in enumerate(v.shape.dims):
-        if isinstance(d, int):
-            dims.append(d)
-        elif i == 0:
-            dims.append(batch)
-        else:
-            raise MtcError(f"input '{v.name}' has symbolic dimension '{d}' at axis {i}: pass --input")
-    return tuple(dims)
 
 
 def check_inputs(model: ir.Model, inputs: list[np.ndarray]) -> None:

@@ -97,26 +97,29 @@ class RunDir:
             f.write("".join(k + "\n" for k in keep))
 
     # --- checkpoints --------------------------------------------------------------------------
+    def checkpoint_path(self, name: str) -> Path:
+        return self.path / "checkpoints" / f"{name}.pt"
+
     def save_checkpoint(self, name: str, state: dict[str, Any]) -> Path:
         """Write ``checkpoints/NAME.pt`` atomically: a crash mid-write keeps the previous one."""
-        d = self.path / "checkpoints"
-        d.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=d)
+        dst = self.checkpoint_path(name)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=dst.parent)
         os.close(fd)
         try:
             torch.save(state, tmp)
-            os.replace(tmp, d / f"{name}.pt")
+            os.replace(tmp, dst)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
             raise
-        return d / f"{name}.pt"
+        return dst
 
     def has_checkpoint(self, name: str) -> bool:
-        return (self.path / "checkpoints" / f"{name}.pt").exists()
+        return self.checkpoint_path(name).exists()
 
     def load_checkpoint(self, name: str) -> dict[str, Any]:
-        p = self.path / "checkpoints" / f"{name}.pt"
+        p = self.checkpoint_path(name)
         if not p.exists():
             raise MtcError(f"no checkpoint '{name}' in the run directory", file=str(self.path))
         state = read_checkpoint(p)

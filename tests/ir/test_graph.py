@@ -180,3 +180,17 @@ def test_load_truncated(tmp_path):
     bad.write_bytes(data[: len(data) // 2])
     with pytest.raises(MtcError, match="trunc.onnx"):
         io.load(bad)
+
+
+def test_input_dims_fills_the_batch_and_names_what_is_missing():
+    from mtc.ir.shapes import input_dims
+
+    m = parse("""<ir_version: 8, opset_import: ["" : 18]>
+g (float[N,3,8,8] x, float[N,3,H,8] y, float z) => (float[N,3,8,8] a) { a = Relu (x) }""")
+    x, y, z = m.graph.inputs
+    assert input_dims(x, 4, "hint") == (4, 3, 8, 8)
+    with pytest.raises(MtcError, match=r"input 'y' has symbolic dimension 'H' at axis 2: pass --input"):
+        input_dims(y, 4, "pass --input")
+    z.shape = None
+    with pytest.raises(MtcError, match=r"input 'z' has no shape: hint"):
+        input_dims(z, 4, "hint")
