@@ -13,13 +13,18 @@ from mtc.errors import MtcError
 
 
 class MtcGroup(click.Group):
-    """Turns user errors into one stderr line and exit code 2, with no traceback."""
+    """Turns user errors into one stderr line and exit code 2, with no traceback: mtc's own
+    errors and click's usage errors (a bad option value, a missing argument, an unknown command)."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except MtcError as e:
             click.echo(f"mtc: error: {e}", err=True)
+            sys.exit(e.exit_code)
+        except click.UsageError as e:
+            where = e.ctx.command_path if e.ctx is not None else "mtc"
+            click.echo(f"mtc: error: {e.format_message().rstrip('.')} (see {where} --help)", err=True)
             sys.exit(e.exit_code)
 
 
@@ -611,4 +616,4 @@ def _register_optional() -> None:
 _register_optional()
 
 if __name__ == "__main__":  # pragma: no cover
-    main()
+    main(prog_name="mtc")

@@ -88,3 +88,18 @@ def test_user_errors_one_line_exit_2_no_output(tmp_path, make, args, needle):
     assert "Traceback" not in r.stderr
     assert not out.exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["search", "s.onnx", "--data", "scenes", "--run-dir", "r", "--lambda-reg-scaling", "bad"],
+     "Invalid value for '--lambda-reg-scaling': 'bad' is not one of 'budget', 'none' (see mtc search --help)"),
+    (["export"], "Missing argument 'SOURCE' (see mtc export --help)"),
+    (["compile", "x.onnx", "--tasks", "seg", "--no-such-option"], "No such option '--no-such-option' (see mtc compile --help)"),
+    (["bogus"], "No such command 'bogus' (see mtc --help)"),
+])
+def test_usage_errors_are_one_line_exit_2(tmp_path, args, needle):
+    r = _cli(*args, cwd=tmp_path)
+    assert r.returncode == 2, r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert lines == [lines[0]] and lines[0].startswith("mtc: error: ") and needle in lines[0], r.stderr
+    assert list(tmp_path.iterdir()) == []
