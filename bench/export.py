@@ -13,7 +13,7 @@ Every bundled tiny backbone at batch 8 and 32 by default; onnxruntime sessions a
 bench's thread count and treat denormals as zero (as bench/common.py does for torch).
 
 Usage: ``python bench/export.py [--backbone tiny_resnet ...] [--tasks 3] [--provider cpu|cuda]
-[--batch 8 32] [--repeats 50] [--out bench/results/export.json]``
+[--batch 8 32] [--repeats 200] [--out bench/results/export.json]``
 """
 
 from __future__ import annotations
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tasks", type=int, default=3, choices=sorted(TASKS))
     ap.add_argument("--provider", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--batch", type=int, nargs="+", default=[8, 32])
-    ap.add_argument("--repeats", type=int, default=50)
+    ap.add_argument("--repeats", type=int, default=200)
     ap.add_argument("--head-width", type=int, default=32)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "export.json"))
     args = ap.parse_args(argv)

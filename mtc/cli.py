@@ -538,6 +538,9 @@ def report_cmd(dirs: tuple[str, ...], out: str) -> None:
               help="Export the fused model of all tasks (alone: only it). With no --task/--all/--fused, every "
                    "task and the fused model are exported; --no-fused drops the fused model.")
 @click.option("--fold-bn", is_flag=True, help="Fold BatchNormalization into the preceding Conv.")
+@click.option("--resize-matmul/--keep-resize", default=True, show_default=True,
+              help="Rewrite linear Resize as two MatMuls with interpolation matrices: exact, and several times "
+                   "faster in onnxruntime (docs/export.md).")
 @click.option("--policy", "policy_file", type=click.Path(dir_okay=False), default=None,
               help="The policy JSON: required for a supergraph SOURCE; for a run directory, instead of its "
                    "policy.json (it must be the one trained).")
@@ -552,7 +555,7 @@ def report_cmd(dirs: tuple[str, ...], out: str) -> None:
                    "beside a single file).")
 @click.option("--repeat", type=int, default=30, show_default=True, help="Timed runs per model in the report.")
 def export_cmd(source: str, out: str, tasks: tuple[str, ...], all_tasks: bool, fused: bool | None, fold_bn: bool,
-               policy_file: str | None, weights_file: str | None, provider: str, report: bool, repeat: int) -> None:
+               resize_matmul: bool, policy_file: str | None, weights_file: str | None, provider: str, report: bool, repeat: int) -> None:
     """Export SOURCE (a trained run directory, or a supergraph file with --policy) to ONNX: per-task
     pruned models and/or the fused one, each verified in onnxruntime before it is written."""
     from mtc.export.api import (
@@ -568,7 +571,7 @@ def export_cmd(source: str, out: str, tasks: tuple[str, ...], all_tasks: bool, f
     inputs = load_source(source, policy_file=policy_file, weights_file=weights_file)
     plan = plan_outputs(inputs.model, out, tasks=tasks, all_tasks=all_tasks, fused=fused)
     ex = export_graphs(inputs.model, inputs.policy, inputs.weights, tasks=plan.tasks, fused=plan.fused,
-                       fold_bn=fold_bn, weights_source=inputs.weights_path)
+                       fold_bn=fold_bn, resize_matmul=resize_matmul, weights_source=inputs.weights_path)
     if inputs.weights is None:
         click.echo("mtc: note: no --weights: exporting the supergraph's initial (untrained) weights", err=True)
     try:

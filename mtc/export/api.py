@@ -42,12 +42,14 @@ class Exported:
     module: Any = None  # the fixed-mode lowering they were bound from (the verification reference)
     policy: sg.Policy | None = None
     fold_bn: bool = False
+    resize_matmul: bool = True
 
 
-def _info(kind: str, tasks: list[str], policy: sg.Policy, fold_bn: bool) -> dict[str, Any]:
+def _info(kind: str, tasks: list[str], policy: sg.Policy, fold_bn: bool, resize_matmul: bool) -> dict[str, Any]:
     from mtc import __version__
 
-    return {"kind": kind, "tasks": tasks, "fold_bn": fold_bn, "mtc": __version__, "policy": policy.to_json()}
+    return {"kind": kind, "tasks": tasks, "fold_bn": fold_bn, "resize_matmul": resize_matmul, "mtc": __version__,
+            "policy": policy.to_json()}
 
 
 def export_graphs(
@@ -58,6 +60,7 @@ def export_graphs(
     tasks: Sequence[str] | None = None,
     fused: bool = True,
     fold_bn: bool = False,
+    resize_matmul: bool = True,
     weights_source: str | None = None,
 ) -> Exported:
     """Per-task graphs (and the fused one) of ``model`` under ``policy`` with ``weights`` bound.
@@ -70,6 +73,8 @@ def export_graphs(
         tasks: the tasks to export one graph each for (default: all, in task order).
         fused: also build the fused graph of all tasks.
         fold_bn: fold BatchNormalization into the preceding Conv.
+        resize_matmul: rewrite linear Resize as MatMuls with interpolation matrices (exact, and
+            several times faster in onnxruntime; :mod:`mtc.export.resize`).
         weights_source: the file ``weights`` came from, named in errors.
 
     Raises:
@@ -84,13 +89,15 @@ def export_graphs(
             raise MtcError(f"task '{t}' is not in the run (tasks: {', '.join(order)})")
     module = fixed_module = eg.fixed_module(model, policy, weights, source=weights_source)
     grouped = eg.ungroup(eg.bind(fixed_module))
-    out = Exported(module=module, policy=policy, fold_bn=fold_bn)
+    out = Exported(module=module, policy=policy, fold_bn=fold_bn, resize_matmul=resize_matmul)
     for t in wanted:
         m = eg.restrict(grouped, [t])
-        out.tasks[t] = eg.finish(m, order=order, fold_bn=fold_bn, info=_info("task", [t], policy, fold_bn))
+        out.tasks[t] = eg.finish(m, order=order, fold_bn=fold_bn, resize_matmul=resize_matmul,
+                                 info=_info("task", [t], policy, fold_bn, resize_matmul))
     if fused:
         m = eg.restrict(grouped, order)
-        out.fused = eg.finish(m, order=order, fold_bn=fold_bn, info=_info("fused", order, policy, fold_bn))
+        out.fused = eg.finish(m, order=order, fold_bn=fold_bn, resize_matmul=resize_matmul,
+                              info=_info("fused", order, policy, fold_bn, resize_matmul))
     return out
 
 

@@ -331,8 +331,14 @@ def fold_batchnorm(model: ir.Model) -> int:
     return folds
 
 
-def finish(model: ir.Model, *, order: list[str], fold_bn: bool = False, info: dict[str, Any] | None = None) -> ir.Model:
-    """Names, BN form, opsets, shapes and metadata of an exported graph, then ``onnx.checker``."""
+def finish(model: ir.Model, *, order: list[str], fold_bn: bool = False, resize_matmul: bool = False,
+           info: dict[str, Any] | None = None) -> ir.Model:
+    """Names, BN form, opsets, shapes and metadata of an exported graph, then ``onnx.checker``.
+
+    ``fold_bn`` folds BatchNormalization into Convs; ``resize_matmul`` rewrites linear Resize as
+    MatMuls (:mod:`mtc.export.resize`). Both are exact.
+    """
+    from mtc.export.resize import resize_as_matmul
     from mtc.ir.shapes import infer_shapes
 
     g = model.graph
@@ -365,6 +371,8 @@ def finish(model: ir.Model, *, order: list[str], fold_bn: bool = False, info: di
             o.shape = shape
         if o.dtype is None and dt is not None:
             o.dtype = dt
+    if resize_matmul:
+        resize_as_matmul(model)  # after inference: it needs the input shapes
     check(model)
     return model
 

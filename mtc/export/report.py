@@ -73,9 +73,9 @@ def deployment_report(model: ir.Model, ex: Exported, out_dir: str | os.PathLike[
     """
     x = sample_input(ex.module.model, seed=0, batch=batch)
     order = [t.name for t in sg.tasks_of(model) or []]
-    # The reference gets the same BatchNorm treatment, so MACs and latency compare like with like.
+    # The reference gets the same rewrites (BatchNorm, Resize), so MACs and latency compare like with like.
     base = export_graphs(model, sg.Policy.uniform(model, 0), None, tasks=list(ex.tasks), fused=False,
-                         fold_bn=ex.fold_bn)
+                         fold_bn=ex.fold_bn, resize_matmul=ex.resize_matmul)
     timed: dict[str, ir.Model] = {}
     for t, m in ex.tasks.items():
         timed[f"exported/{t}"] = m
@@ -87,7 +87,8 @@ def deployment_report(model: ir.Model, ex: Exported, out_dir: str | os.PathLike[
         if missing:
             if ex.policy is None:
                 raise ValueError("the fused report needs every task's model or the export policy")
-            more = export_graphs(model, ex.policy, ex.module, tasks=missing, fused=False, fold_bn=ex.fold_bn)
+            more = export_graphs(model, ex.policy, ex.module, tasks=missing, fused=False, fold_bn=ex.fold_bn,
+                                 resize_matmul=ex.resize_matmul)
             timed.update({f"exported/{t}": m for t, m in more.tasks.items()})
     ms = latencies_ms(timed, x, provider=provider, repeat=repeat)
     rows = {t: {"exported": {**_cost(timed[f"exported/{t}"]), "latency_ms": ms[f"exported/{t}"]},

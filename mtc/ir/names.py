@@ -16,7 +16,8 @@ RENAME_KEY = "mtc.rename"
 _SAFE = re.compile(r"[^A-Za-z0-9_.@/:\-]+")
 
 
-def _unique(base: str, taken: set[str]) -> str:
+def unique(base: str, taken: set[str]) -> str:
+    """``base``, or ``base_<k>`` with the smallest k not in ``taken`` (which is not updated)."""
     if base not in taken:
         return base
     k = 1
@@ -43,7 +44,7 @@ def fix_names(model: ir.Model) -> bool:
             seen.add(name)
             continue
         if name:  # a later duplicate
-            node.name = _unique(name, taken_nodes)
+            node.name = unique(name, taken_nodes)
         else:
             op = node.op_type.lower()
             while f"{op}_{counters[op]}" in taken_nodes:
@@ -62,7 +63,7 @@ def fix_names(model: ir.Model) -> bool:
         for i, out in enumerate(node.outputs):
             if not out.name or out.name in taken_values:
                 suffix = "" if len(node.outputs) == 1 else f"_{i}"
-                out.name = _unique(f"{node.name}{suffix}:out" if out.name else f"{node.name}{suffix}", taken_values)
+                out.name = unique(f"{node.name}{suffix}:out" if out.name else f"{node.name}{suffix}", taken_values)
                 changed = True
             taken_values.add(out.name)
     return changed
@@ -87,7 +88,7 @@ def name_after_origin(model: ir.Model) -> bool:
     for n in nodes:
         o = n.metadata_props[ORIGIN_KEY]
         base = o if per_origin[o] == 1 else f"{o}/{n.op_type.lower()}"
-        n.name = _unique(base, taken)
+        n.name = unique(base, taken)
         taken.add(n.name)
         del n.metadata_props[RENAME_KEY]
     # Activations follow their producer, so branch points and features read like the model.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import numpy as np
 import onnx
 import pytest
 from conftest import BACKBONES, run_mtc
@@ -225,3 +226,26 @@ def test_supergraph_source_errors(run, tmp_path):
     torch.save([1, 2], tmp_path / "list.pt")
     assert "not weights" in _bad(mtc("export", str(run), "--weights", "list.pt", "-o", "o", cwd=tmp_path))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["garbage.pt", "list.pt", "misfit.pt"]
+
+
+def test_keep_resize_leaves_the_seg_heads_resize(tmp_path):
+    from mtc.ir import supergraph as sg
+    from mtc.ir.io import load
+
+    mtc("compile", str(BACKBONES / "tiny_resnet.onnx"), "--tasks", "s:seg:3,d:regress:1", "--head-width", "8",
+        "--input-shape", "1,3,32,32", "-o", "s.mtc.onnx", cwd=tmp_path, check=True)
+    policy = sg.Policy.random(load(tmp_path / "s.mtc.onnx"), seed=3)
+    (tmp_path / "p.json").write_text(json.dumps({"policy": policy.to_json()}))
+    for flag, name in (("--resize-matmul", "fast.onnx"), ("--keep-resize", "plain.onnx")):
+        r = mtc("export", "s.mtc.onnx", "--policy", "p.json", "--task", "s", flag, "-o", name, "--no-report",
+                cwd=tmp_path)
+        assert r.returncode == 0, r.stderr
+    fast, plain = (onnx.load(str(tmp_path / n)) for n in ("fast.onnx", "plain.onnx"))
+    assert [n.op_type for n in plain.graph.node][-1] == "Resize"
+    assert not [n for n in fast.graph.node if n.op_type == "Resize"]
+    assert [(n.name, n.op_type) for n in fast.graph.node][-2:] == [("head@s/resize/H", "MatMul"),
+                                                                    ("head@s/resize/W", "MatMul")]
+    assert json.loads({p.key: p.value for p in fast.metadata_props}["mtc.export"])["resize_matmul"] is True
+    x = _x()
+    np.testing.assert_allclose(_ort(tmp_path / "fast.onnx", x)[0], _ort(tmp_path / "plain.onnx", x)[0],
+                               rtol=1e-5, atol=1e-6)
