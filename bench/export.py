@@ -2,7 +2,7 @@
 
 For each policy, the fused graph computes every shared operator once; the per-task graphs each
 compute their whole network. The latency ratio (fused / sum of per-task, measured interleaved in
-the same run) is compared with the MAC ratio (fused MACs, shared operators counted once / summed
+the same run: the median of the per-round ratios, with their interquartile range) is compared with the MAC ratio (fused MACs, shared operators counted once / summed
 per-task MACs): sharing turns into speed when the latency ratio is at most 1.1x the MAC ratio.
 ``mac_op_time_ratio`` is the same ratio for the time spent in Conv/Gemm/MatMul kernels alone
 (onnxruntime's profiler), and ``fused_time_in_other_ops`` the fused model's share of kernel time in
@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+import numpy as np
 from common import ROOT, environment, format_table, median_ms, setup, time_interleaved, write_json
 
 TASKS = {2: "a:regress:1,b:class:2", 3: "a:regress:1,b:class:2,c:seg:3",
@@ -95,7 +96,10 @@ def measure(backbone: str, n_tasks: int, batch: int, head_width: int, provider: 
         fused_ms, sum_ms = median_ms(times["fused"]), median_ms(times["per_task"])
         fused_macs = model_cost(ex.fused)[1]
         sum_macs = sum(model_cost(m)[1] for m in ex.tasks.values())
-        lat_ratio, mac_ratio = fused_ms / sum_ms, fused_macs / sum_macs
+        # Paired per round (the two ran back to back), so slow drift in the machine's speed cancels.
+        paired = np.array(times["fused"]) / np.array(times["per_task"])
+        lat_ratio, mac_ratio = float(np.median(paired)), fused_macs / sum_macs
+        q1, q3 = np.percentile(paired, [25, 75])
         # Where the time goes: kernels of MAC-bearing ops vs the rest (Resize, layout reorders, ...).
         kf = kernel_ms(ex.fused, x, provider, threads)
         kt = [kernel_ms(m, x, provider, threads) for m in ex.tasks.values()]
@@ -105,7 +109,8 @@ def measure(backbone: str, n_tasks: int, batch: int, head_width: int, provider: 
         other_share = 1 - conv_f / max(sum(kf.values()), 1e-9)
         rows.append({"backbone": backbone, "batch": batch, "shared_vcns": f"{int(frac * 100)}%",
                      "fused_ms": round(fused_ms, 3), "sum_per_task_ms": round(sum_ms, 3),
-                     "latency_ratio": round(lat_ratio, 3), "mac_ratio": round(mac_ratio, 3),
+                     "latency_ratio": round(lat_ratio, 3), "ratio_iqr": f"{q1:.3f}-{q3:.3f}",
+                     "mac_ratio": round(mac_ratio, 3),
                      "mac_op_time_ratio": round(conv_f / max(conv_t, 1e-9), 3),
                      "fused_time_in_other_ops": round(other_share, 3),
                      "ok": lat_ratio <= 1.1 * mac_ratio})
