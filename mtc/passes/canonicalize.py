@@ -157,8 +157,12 @@ class Canonicalize(Pass):
     def call(self, model: ir.Model) -> PassResult:
         before = _shape_snapshot(model)
         modified = fix_names(model)
-        modified |= remove_noops(model, keep_dropout=self.keep_dropout)
-        infer_shapes(model)
+        removed = remove_noops(model, keep_dropout=self.keep_dropout)
+        modified |= removed
+        # An imported model arrives with every shape inferred and folded to a fixpoint; inferring
+        # again (a protobuf round trip, ~140 ms on deeplab) is only needed after a change or a gap.
+        if removed or any(o.shape is None for n in model.graph for o in n.outputs):
+            infer_shapes(model)
         # Folding makes more shapes static, which makes more folding possible.
         for _ in range(MAX_ROUNDS):
             if not FoldShapes()(model).modified:

@@ -146,3 +146,20 @@ def test_made_up_symbols_do_not_count_as_changes():
     first = ir.to_onnx_text(model)
     model, modified = _run(model)
     assert not modified and ir.to_onnx_text(model) == first
+
+
+def test_shape_inference_only_when_something_changed_or_is_missing(monkeypatch):
+    import mtc.passes.canonicalize as canon
+
+    calls = []
+    real = canon.infer_shapes
+    monkeypatch.setattr(canon, "infer_shapes", lambda m, **kw: calls.append(1) or real(m, **kw))
+    model, _ = _run(parse(MESSY))
+    assert calls  # anonymous shapes and no-ops: inferred
+    calls.clear()
+    _run(model)
+    assert not calls  # every shape known, nothing removed: the protobuf round trip is skipped
+    node = next(iter(model.graph))
+    node.outputs[0].shape = None
+    model, modified = _run(model)
+    assert calls and modified and dims(node.outputs[0]) is not None
