@@ -157,6 +157,7 @@ def resize_as_matmul(model: ir.Model) -> int:
     """
     g = model.graph
     taken = {n.name for n in g if n.name}
+    values = {v.name for v in (*g.inputs, *g.initializers.values(), *(o for n in g for o in n.outputs)) if v.name}
     done = 0
     for node in list(g):
         axes = plan(node)
@@ -189,7 +190,9 @@ def resize_as_matmul(model: ir.Model) -> int:
             out = mm.outputs[0]
             out.dtype = x.dtype
             out.shape = ir.Shape(shape)
-            out.name = name if i < len(order) - 1 else None
+            if i < len(order) - 1:
+                out.name = unique(name, values)
+                values.add(out.name)
             new_nodes.append(mm)
             cur = out
         g.insert_after(node, new_nodes)
