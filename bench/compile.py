@@ -60,6 +60,8 @@ import torch.nn.functional as F
 from common import ROOT, environment, format_table, median_ms, setup, time_interleaved, write_json
 from torch import nn
 
+from mtc.zoo import Head
+
 #: The requirements (issue 5, "Done when").
 MAX_COMPILE_S_5_TASKS = 2.0
 MAX_GUMBEL_RATIO = 1.2
@@ -238,15 +240,8 @@ class ASPPHead(nn.Module):
                 for i, r in enumerate(self.rates) for c in ("conv1", "conv2", "conv3") for w in ("weight", "bias")}
 
 
-class GlobalHead(nn.Module):
-    """``class`` / ``regress`` head: global average pool, flatten, linear."""
-
-    def __init__(self, c_in: int, channels: int) -> None:
-        super().__init__()
-        self.fc = nn.Linear(c_in, channels)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+class GlobalHead(Head):
+    """``class`` / ``regress`` head: mtc.zoo's global average pool, flatten, linear."""
 
     def source_names(self, task: str) -> dict[str, str]:
         return {"fc.weight": f"head@{task}/fc.weight", "fc.bias": f"head@{task}/fc.bias"}
