@@ -11,7 +11,8 @@ holding the two weights of each output position. Along the last two axes of a te
 
 onnxruntime's CPU ``Resize`` runs bilinear at ~1 ns per output element; the two small GEMMs run
 2-8x faster for the shapes segmentation heads and decoders use (docs/export.md), and match
-onnxruntime's ``Resize`` to float rounding (the weights are the same). Only what the rewrite can
+onnxruntime's ``Resize`` to float rounding. The matrices are the lowering's own per-axis plans
+(:mod:`mtc.lower.resize`, checked against the ONNX backend tests) written densely. Only what the rewrite can
 reproduce exactly is rewritten: ``mode="linear"`` without antialiasing, static sizes or scales
 along the last two axes only, and every coordinate transformation except ``tf_crop_and_resize``.
 Other ``Resize`` nodes are left as they are.
@@ -19,52 +20,16 @@ Other ``Resize`` nodes are left as they are.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import onnx_ir as ir
 
 from mtc.ir.names import unique
 from mtc.ir.shapes import dims
+from mtc.lower.resize import axis_matrix, output_sizes, resize_attrs
 
-#: Coordinate transformations the matrices reproduce (``tf_crop_and_resize`` needs a run-time roi).
+#: Coordinate transformations rewritten (``tf_crop_and_resize`` needs a run-time roi and extrapolates).
 COORDINATES = ("half_pixel", "half_pixel_symmetric", "pytorch_half_pixel", "align_corners", "asymmetric")
 _FLOATS = (ir.DataType.FLOAT, ir.DataType.DOUBLE, ir.DataType.FLOAT16)
-
-
-def source_coordinates(n_in: int, n_out: int, scale: float, mode: str) -> np.ndarray:
-    """Where each of ``n_out`` output positions samples the input (ONNX ``Resize``, one axis)."""
-    x = np.arange(n_out, dtype=np.float64)
-    if mode == "half_pixel":
-        return (x + 0.5) / scale - 0.5
-    if mode == "half_pixel_symmetric":
-        adjustment = n_out / (scale * n_in)
-        offset = n_in / 2 * (1 - adjustment)
-        return offset + (x + 0.5) / scale - 0.5
-    if mode == "pytorch_half_pixel":
-        return (x + 0.5) / scale - 0.5 if n_out > 1 else np.zeros(n_out)
-    if mode == "align_corners":
-        return x * (n_in - 1) / (n_out - 1) if n_out > 1 else np.zeros(n_out)
-    if mode == "asymmetric":
-        return x / scale
-    raise ValueError(f"unsupported coordinate_transformation_mode '{mode}'")
-
-
-def linear_matrix(n_in: int, n_out: int, scale: float, mode: str) -> np.ndarray:
-    """The ``[n_out, n_in]`` matrix of linear interpolation along one axis.
-
-    Source positions are clamped to ``[0, n_in - 1]`` (the edge value repeats), as in the ONNX
-    reference and onnxruntime.
-    """
-    src = np.clip(source_coordinates(n_in, n_out, scale, mode), 0, n_in - 1)
-    lo = np.floor(src).astype(np.int64)
-    hi = np.minimum(lo + 1, n_in - 1)
-    frac = src - lo
-    m = np.zeros((n_out, n_in))
-    rows = np.arange(n_out)
-    np.add.at(m, (rows, lo), 1 - frac)
-    np.add.at(m, (rows, hi), frac)
-    return m
 
 
 def _const(v: ir.Value | None) -> np.ndarray | None:
@@ -74,22 +39,14 @@ def _const(v: ir.Value | None) -> np.ndarray | None:
     return None if t is None else t.numpy()
 
 
-def _str(node: ir.Node, name: str, default: str) -> str:
-    a = node.attributes.get(name)
-    return default if a is None else a.as_string()
+def plan(node: ir.Node) -> dict[int, np.ndarray] | None:
+    """``{axis: [out, in] interpolation matrix}`` for each axis a rewritable ``Resize`` changes, else None.
 
-
-def _int(node: ir.Node, name: str, default: int) -> int:
-    a = node.attributes.get(name)
-    return default if a is None else a.as_int()
-
-
-def plan(node: ir.Node) -> dict[int, tuple[int, int, float]] | None:
-    """``{axis: (n_in, n_out, scale)}`` for each axis a rewritable ``Resize`` changes, else None.
-
-    None for a node the rewrite cannot reproduce exactly: another mode, antialiasing, a crop, a
-    run-time size or scale, an unknown input shape, a resized axis before the last two, or an axis
-    whose size a scale other than 1 leaves unchanged (where runtimes disagree with the spec).
+    The matrices are the lowering's own per-axis plans (:func:`mtc.lower.resize.axis_matrix`).
+    None for a node the rewrite leaves alone: another mode, antialiasing, a crop, another
+    ``keep_aspect_ratio_policy``, a run-time size or scale, an unknown input shape, a resized axis
+    before the last two, or an axis whose size a scale other than 1 leaves unchanged (where
+    runtimes disagree with the spec).
     """
     if node.op_type != "Resize" or node.domain not in ("", "ai.onnx") or not node.inputs:
         return None
@@ -97,46 +54,38 @@ def plan(node: ir.Node) -> dict[int, tuple[int, int, float]] | None:
     shape = dims(x) if x is not None else None
     if x is None or shape is None or x.dtype not in _FLOATS or len(shape) < 2:
         return None
-    if _str(node, "mode", "nearest") != "linear" or _int(node, "antialias", 0) != 0:
-        return None
-    coord = _str(node, "coordinate_transformation_mode", "half_pixel")
-    if coord not in COORDINATES or _str(node, "keep_aspect_ratio_policy", "stretch") != "stretch":
+    a = resize_attrs(lambda name, default: node.attributes[name].value if name in node.attributes else default)
+    if a.mode != "linear" or a.antialias or a.ctm not in COORDINATES or a.policy != "stretch":
         return None
     rank = len(shape)
-    axes_attr = node.attributes.get("axes")
-    axes = [a % rank for a in axes_attr.as_ints()] if axes_attr is not None else list(range(rank))
+    n_axes = len(a.axes) if a.axes is not None else rank
     scales = _const(node.inputs[2]) if len(node.inputs) > 2 else None
     sizes = _const(node.inputs[3]) if len(node.inputs) > 3 else None
     if sizes is not None and sizes.size:
-        if sizes.size != len(axes):
+        if sizes.size != n_axes:
             return None
-        outs = [int(s) for s in sizes.reshape(-1)]
-        given: list[float | None] = [None] * len(axes)
-    elif scales is not None and scales.size == len(axes):
-        factors = [float(s) for s in scales.reshape(-1)]
-        given = list(factors)
-        outs = []
-        for a, f in zip(axes, factors, strict=True):
-            n = shape[a]
-            if not isinstance(n, int):
-                return None
-            outs.append(math.floor(n * f))
-    else:
+        scales = None
+    elif scales is None or scales.size != n_axes:
         return None
-    out: dict[int, tuple[int, int, float]] = {}
-    for a, n_out, s in zip(axes, outs, given, strict=True):
-        n_in = shape[a]
-        if not isinstance(n_in, int) or n_in < 1 or n_out < 1:
+    resized = {a_ % rank for a_ in a.axes} if a.axes is not None else set(range(rank))
+    if any(not isinstance(shape[ax], int) for ax in resized):
+        return None
+    static = [d if isinstance(d, int) else 1 for d in shape]  # unresized symbolic axes keep their size
+    outs, scale = output_sizes(a, static, None if scales is None else scales.reshape(-1).tolist(),
+                               None if sizes is None or not sizes.size else sizes.reshape(-1).tolist())
+    out: dict[int, np.ndarray] = {}
+    for ax in sorted(resized):
+        n_in, n_out = static[ax], outs[ax]
+        if n_in < 1 or n_out < 1:
             return None
-        scale = s if s is not None else n_out / n_in
         if n_out == n_in:
-            if scale != 1.0:
+            if scale[ax] != 1.0:
                 # The spec still interpolates (a shifted grid); onnxruntime copies. Keep the node.
                 return None
             continue  # an axis left alone
-        if a < rank - 2:
+        if ax < rank - 2:
             return None
-        out[a] = (n_in, n_out, scale)
+        out[ax] = axis_matrix(a, n_in, n_out, scale[ax])
     return out or None
 
 
@@ -168,25 +117,22 @@ def resize_as_matmul(model: ir.Model) -> int:
         dtype = x.dtype.numpy()
         shape = list(dims(x) or [])
         rank = len(shape)
-        mats = {a: linear_matrix(*axes[a], _str(node, "coordinate_transformation_mode", "half_pixel"))
-                for a in axes}
         # Resize the axis first that makes the intermediate tensor smaller (fewer MACs overall).
-        order = sorted(axes, key=lambda a: axes[a][1] / axes[a][0])
+        order = sorted(axes, key=lambda a: axes[a].shape[0] / axes[a].shape[1])
         cur = x
         new_nodes = []
         for i, a in enumerate(order):
-            n_in, n_out, _ = axes[a]
             side = "W" if a == rank - 1 else "H"
             name = unique(f"{node.name}/{side}", taken)
             taken.add(name)
             if a == rank - 1:
-                w = _initializer(g, f"{node.name}.{side}", mats[a].T.astype(dtype))
+                w = _initializer(g, f"{node.name}.{side}", axes[a].T.astype(dtype))
                 inputs = [cur, w]
             else:
-                w = _initializer(g, f"{node.name}.{side}", mats[a].astype(dtype))
+                w = _initializer(g, f"{node.name}.{side}", axes[a].astype(dtype))
                 inputs = [w, cur]
             mm = ir.Node("", "MatMul", inputs, name=name, metadata_props=dict(node.metadata_props))
-            shape[a] = n_out
+            shape[a] = axes[a].shape[0]
             out = mm.outputs[0]
             out.dtype = x.dtype
             out.shape = ir.Shape(shape)

@@ -259,26 +259,48 @@ def _run_plans(x: torch.Tensor, plans: Sequence[tuple[int, torch.Tensor, torch.T
     return y
 
 
+def resize_attrs(attr: Callable[[str, Any], Any], *, old: bool = False) -> _Attrs:
+    """A Resize node's attributes with the spec's defaults; ``attr(name, default)`` reads one.
+
+    ``old``: Resize-10 / Upsample semantics (asymmetric coordinates, floor rounding).
+    """
+    mode = _str(attr("mode", None), "nearest")
+    axes = as_ints(attr("axes", None))
+    return _Attrs(
+        mode="linear" if mode == "bilinear" else mode,
+        ctm="asymmetric" if old else _str(attr("coordinate_transformation_mode", None), "half_pixel"),
+        nearest_mode="floor" if old else _str(attr("nearest_mode", None), "round_prefer_floor"),
+        cubic_a=float(attr("cubic_coeff_a", -0.75)),
+        exclude_outside=bool(attr("exclude_outside", 0)),
+        extrapolation=float(attr("extrapolation_value", 0.0)),
+        antialias=bool(attr("antialias", 0)),
+        axes=tuple(axes) if axes else None,
+        policy=_str(attr("keep_aspect_ratio_policy", None), "stretch"),
+    )
+
+
+def output_sizes(a: _Attrs, shape: Sequence[int], scales: Sequence[float] | None, sizes: Sequence[int] | None
+                 ) -> tuple[list[int], list[float]]:
+    """Every axis's output size and scale (the spec's rules, ``keep_aspect_ratio_policy`` included)."""
+    return _out_sizes(a, shape, None if scales is None else list(scales), None if sizes is None else list(sizes))
+
+
+def axis_matrix(a: _Attrs, in_size: int, out: int, scale: float) -> np.ndarray:
+    """The ``[out, in_size]`` matrix that resizes one axis (``y = M @ x``): the plan the lowering
+    runs, as a dense map. Not for ``tf_crop_and_resize`` (its extrapolated positions are no linear map)."""
+    idx, w, _ = _axis_plan(a, in_size, out, scale, None)
+    m = np.zeros((out, in_size))
+    np.add.at(m, (np.repeat(np.arange(out), idx.shape[1]), idx.reshape(-1)),
+              1.0 if w is None else w.reshape(-1))
+    return m
+
+
 def build_resize(node: BuildNode, *, upsample: bool = False) -> Kernel:
     """Builder for Resize (opset 10+) and Upsample (opset 7-9)."""
-    mode = _str(node.attr("mode"), "nearest")
-    if mode == "bilinear":
-        mode = "linear"
-    if mode not in ("nearest", "linear", "cubic"):
-        raise node.error(f"Resize mode '{mode}' is not supported")
     old = upsample or node.opset < 11
-    axes = as_ints(node.attr("axes"))
-    a = _Attrs(
-        mode=mode,
-        ctm="asymmetric" if old else _str(node.attr("coordinate_transformation_mode"), "half_pixel"),
-        nearest_mode="floor" if old else _str(node.attr("nearest_mode"), "round_prefer_floor"),
-        cubic_a=float(node.attr("cubic_coeff_a", -0.75)),
-        exclude_outside=bool(node.attr("exclude_outside", 0)),
-        extrapolation=float(node.attr("extrapolation_value", 0.0)),
-        antialias=bool(node.attr("antialias", 0)),
-        axes=tuple(axes) if axes else None,
-        policy=_str(node.attr("keep_aspect_ratio_policy"), "stretch"),
-    )
+    a = resize_attrs(node.attr, old=old)
+    if a.mode not in ("nearest", "linear", "cubic"):
+        raise node.error(f"Resize mode '{a.mode}' is not supported")
     if a.mode == "nearest" and a.antialias:
         raise node.error("antialias is not defined for nearest Resize")
 
