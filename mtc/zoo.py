@@ -344,3 +344,133 @@ def tiny_mobilenetv2() -> nn.Module:
 
 def tiny_densenet() -> nn.Module:
     return build("tiny_densenet")
+
+
+# --- reference nets for the channel analysis and pruning (docs/channels.md) -----------------------
+
+
+class ChannelsLastNet(nn.Module):
+    """ConvNeXt-style channels-last stage: a patchify conv, an NHWC residual MLP with LayerNorm and
+    Linear layers over the last axis, a Linear that changes the width, back to NCHW for a conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 4, 4)
+        self.norm = nn.LayerNorm(16)
+        self.fc1 = nn.Linear(16, 32)
+        self.fc2 = nn.Linear(32, 16)
+        self.proj = nn.Linear(16, 24)
+        self.out = nn.Conv2d(24, 8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.stem(x).permute(0, 2, 3, 1)
+        y = y + self.fc2(F.gelu(self.fc1(self.norm(y))))
+        y = F.relu(self.proj(y))
+        return self.out(y.permute(0, 3, 1, 2))
+
+
+class StemNoPadNet(nn.Module):
+    """A stride-2 stem without padding (33x33 -> 16x16), a residual block, a 2x2/2 conv without padding."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, 2, 0, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+        self.block = BasicBlock(16, 16)
+        self.down = nn.Sequential(nn.Conv2d(16, 24, 2, 2, 0), nn.ReLU())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(self.block(self.stem(x)))
+
+
+class ConcatNet(nn.Module):
+    """Concat-heavy: an inception block (1x1, 3x3, double 3x3, pool + 1x1), a dense concat with its
+    input, a three-way chunk that cuts across the concat's pieces, a gate between two chunks, and a
+    concat that repeats a tensor, fused by a 1x1 conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = _stem(8)
+        self.b1 = _conv_bn(8, 4, 1)
+        self.b2 = _conv_bn(8, 6, 3)
+        self.b3 = nn.Sequential(_conv_bn(8, 4, 3), nn.ReLU(), _conv_bn(4, 4, 3))
+        self.b4 = _conv_bn(8, 2, 1)
+        self.fuse = _conv_bn(24, 16, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.stem(x)
+        inc = torch.cat([F.relu(self.b1(s)), F.relu(self.b2(s)), F.relu(self.b3(s)),
+                         F.relu(self.b4(F.max_pool2d(s, 3, 1, 1)))], 1)
+        p, q, r = torch.cat([s, inc], 1).chunk(3, 1)  # 8 | b1 + b2[:4] | b2[4:] + b3 + b4
+        return F.relu(self.fuse(torch.cat([p * torch.sigmoid(q), r, p], 1)))
+
+
+class GroupedNet(nn.Module):
+    """Grouped convolutions: a ResNeXt block (1x1, 3x3 in 4 groups, 1x1, residual), a grouped conv that
+    widens each of its 2 groups (8 -> 12), a depthwise conv with channel multiplier 2, a conv with one
+    output channel (group 1, not depthwise) gating the features, and a conv with one input channel."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = _stem(16)
+        self.reduce = _conv_bn(16, 32, 1)
+        self.grouped = _conv_bn(32, 32, 3, groups=4)
+        self.expand = _conv_bn(32, 16, 1)
+        self.mid = _conv_bn(16, 16, 1)
+        self.widen = _conv_bn(16, 24, 3, groups=2)
+        self.dw2 = _conv_bn(24, 48, 3, groups=24)
+        self.gate = nn.Conv2d(48, 1, 1)
+        self.spread = nn.Conv2d(1, 4, 3, padding=1)
+        self.out = nn.Conv2d(52, 16, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.stem(x)
+        y = F.relu(s + self.expand(F.relu(self.grouped(F.relu(self.reduce(s))))))
+        z = F.relu(self.dw2(F.relu(self.widen(F.relu(self.mid(y))))))
+        g = torch.sigmoid(self.gate(z))
+        return self.out(torch.cat([z * g, self.spread(g)], 1))
+
+
+class DeconvNet(nn.Module):
+    """ConvTranspose decoder: two strided encoder convs, a transposed conv, a skip concat and fusion
+    conv, a grouped transposed conv (4 groups) and a depthwise transposed conv, an output conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc1 = nn.Sequential(_conv_bn(3, 16, 3, 2), nn.ReLU())
+        self.enc2 = nn.Sequential(_conv_bn(16, 32, 3, 2), nn.ReLU())
+        self.up1 = nn.ConvTranspose2d(32, 24, 4, 2, 1)
+        self.bn1 = nn.BatchNorm2d(24)
+        self.fuse = _conv_bn(40, 16, 3)
+        self.up2 = nn.ConvTranspose2d(16, 8, 2, 2, groups=4)
+        self.up3 = nn.ConvTranspose2d(8, 8, 3, 1, 1, groups=8)
+        self.out = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        e1 = self.enc1(x)
+        d = F.relu(self.bn1(self.up1(self.enc2(e1))))
+        d = F.relu(self.fuse(torch.cat([d, e1], 1)))
+        return self.out(F.relu(self.up3(F.relu(self.up2(d)))))
+
+
+class FlattenGemmNet(nn.Module):
+    """A classifier without global pooling: conv features [12, 4, 4] flattened into two Linear layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(_conv_bn(3, 8, 3, 2), nn.ReLU(), _conv_bn(8, 12, 3, 2), nn.ReLU(),
+                                      nn.MaxPool2d(2))
+        self.fc1 = nn.Linear(12 * 4 * 4, 32)
+        self.fc2 = nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.relu(self.fc1(torch.flatten(self.features(x), 1))))
+
+
+REFERENCE.update({
+    "channels_last": (ChannelsLastNet, (1, 3, 32, 32)),
+    "stem_nopad": (StemNoPadNet, (1, 3, 33, 33)),
+    "concat_heavy": (ConcatNet, (1, 3, 32, 32)),
+    "grouped": (GroupedNet, (1, 3, 32, 32)),
+    "deconv_decoder": (DeconvNet, (1, 3, 32, 32)),
+    "flatten_gemm": (FlattenGemmNet, (1, 3, 32, 32)),
+})
