@@ -335,6 +335,15 @@ def _reshape_map(src: Sequence[int | str | None], dst: Sequence[int | str | None
     """
     if src[axis] == 1:
         return None
+    sym_src = [d for d in src if not isinstance(d, int)]
+    fresh = [d for d in dst if not isinstance(d, int) and d not in sym_src]
+    if len(fresh) == 1 and len(sym_src) == 1 and sym_src[0] is not None:
+        # Shape inference names (or leaves unknown) a -1 next to a symbolic batch; when the static
+        # dims account for everything else, it is the batch.
+        static_src = math.prod(d for d in src if isinstance(d, int))
+        static_dst = math.prod(d for d in dst if isinstance(d, int))
+        if static_src == static_dst:
+            dst = [sym_src[0] if d == fresh[0] else d for d in dst]
     ins = [k for k, d in enumerate(src) if d != 1]
     outs = [k for k, d in enumerate(dst) if d != 1]
 
