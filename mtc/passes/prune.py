@@ -241,7 +241,7 @@ def ratio_counts(channels: Channels, ratio: float, *, round_to: int = 1,
     return out
 
 
-def resolve_counts(channels: Channels, keep: Mapping[int | str, int], *, arg: str = "--keep") -> dict[int, int]:
+def resolve_counts(channels: Channels, keep: Mapping[Any, int], *, arg: str = "--keep") -> dict[int, int]:
     """``{group name or id: kept count}`` -> ``{group id: kept count}``, checked.
 
     Raises:
@@ -695,7 +695,8 @@ def apply_plan(model: ir.Model, channels: Channels, plan: ChannelPlan) -> ir.Mod
     """
     validate_plan(channels, plan, model=model)
     out = model.clone()
-    prune_in_place(out, channels, plan)
+    if plan.removed(channels):
+        _Rewriter(out, channels, channels.unit_mask(plan.keep)).run()
     return out
 
 
@@ -713,7 +714,7 @@ class PruneChannels(Pass):
     options = ("plan", "ratio", "keep", "importance", "round_to", "ignore", "seed")
 
     def __init__(self, *, plan: ChannelPlan | None = None, ratio: float | None = None,
-                 keep: Mapping[int | str, int] | None = None, importance: str = "l1", round_to: int = 1,
+                 keep: Mapping[Any, int] | None = None, importance: str = "l1", round_to: int = 1,
                  ignore: Sequence[str] = (), seed: int = 0) -> None:
         super().__init__()
         self.plan = plan
@@ -747,7 +748,7 @@ class PruneChannels(Pass):
 
 
 def build_plan(model: ir.Model, channels: Channels, *, ratio: float | None = None,
-               keep: Mapping[int | str, int] | None = None, importance: str = "l1", round_to: int = 1,
+               keep: Mapping[Any, int] | None = None, importance: str = "l1", round_to: int = 1,
                ignore: Sequence[str] = (), seed: int = 0) -> ChannelPlan:
     """The plan for a budget: ``ratio`` over every prunable group not touched by ``ignore``,
     ``keep`` counts for the groups they name (they win over the ratio), the most important
