@@ -398,6 +398,8 @@ class _Walker:
         self.blocks: list[tuple[np.ndarray, str]] = []
         self.selections: list[tuple[np.ndarray, np.ndarray]] = []
         self.ports: list[tuple[str, ir.Node, int, ir.Value, int, np.ndarray]] = []
+        #: sequence value -> (split axis, its pieces' nodes on that axis, the input's slots on other axes)
+        self.sequences: dict[ir.Value, tuple[int, list[np.ndarray], dict[int, np.ndarray]]] = {}
         #: why a value carries no tracked channels (the first block upstream), for later diagnostics
         self.why: dict[ir.Value, str] = {}
         self._blocked_here: str | None = None
@@ -409,6 +411,7 @@ class _Walker:
             "Slice": self.slice, "Gather": self.gather, "Transpose": self.transpose, "Reshape": self.reshape,
             "Flatten": self.reshape, "Squeeze": self.reshape, "Unsqueeze": self.reshape, "Expand": self.expand,
             "Tile": self.tile, "Resize": self.resize, "Pad": self.pad, "Shape": self.shape, "Size": self.size,
+            "SplitToSequence": self.split_to_sequence, "SequenceAt": self.sequence_at,
         }
         for op in UNARY:
             self.rules[op] = self.unary
@@ -536,6 +539,11 @@ class _Walker:
                     out.extend(v for v in n.inputs if v is not None and v in self.slots)
         return out
 
+    def unsupported(self, node: ir.Node) -> str:
+        """The reason for a node whose rule does not cover its form (unknown shapes, computed
+        parameters or attributes the rule needs as constants)."""
+        return f"{self.who(node)} has unknown shapes or computed parameters"
+
     def unknown(self, node: ir.Node, reason: str | None = None) -> None:
         reason = reason or f"{self.who(node)} has no channel rule"
         for v in node.inputs:
@@ -610,7 +618,7 @@ class _Walker:
         groups = int(_attr(node, "group", 1))
         cin = xd[1]
         if not isinstance(cin, int):
-            self.unknown(node)
+            self.unknown(node, f"{self.who(node)} has an input of unknown channel count")
             return
         cout = W.shape[1] * groups if transpose else W.shape[0]
         y = node.outputs[0]
@@ -660,7 +668,7 @@ class _Walker:
         if a is not None and b is not None and A is None and B is not None and B.ndim == 2:
             r = len(dims(a) or ())
             if r < 2:
-                self.unknown(node)
+                self.unknown(node, self.unsupported(node))
                 return
             for ax, s in self.all(a).items():
                 if ax == r - 1:
@@ -673,7 +681,7 @@ class _Walker:
         elif a is not None and b is not None and B is None and A is not None and A.ndim == 2:
             r = len(dims(b) or ())
             if r < 2:
-                self.unknown(node)
+                self.unknown(node, self.unsupported(node))
                 return
             for ax, s in self.all(b).items():
                 if ax == r - 2:
@@ -701,7 +709,7 @@ class _Walker:
     def instancenorm(self, node: ir.Node) -> None:
         x = node.inputs[0]
         if not self._params_const(node):
-            self.unknown(node)
+            self.unknown(node, self.unsupported(node))
             return
         for a, s in self.all(x).items():
             if a >= 2:
@@ -725,7 +733,7 @@ class _Walker:
     def layernorm(self, node: ir.Node) -> None:
         r = self._rank(node.inputs[0])
         if r is None or not self._params_const(node) or self._extra_outputs_used(node):
-            self.unknown(node)
+            self.unknown(node, self.unsupported(node))
             return
         axis = int(_attr(node, "axis", -1)) % r
         # Its mean and variance read every channel on these axes: removing one changes the others.
@@ -734,7 +742,7 @@ class _Walker:
     def groupnorm(self, node: ir.Node) -> None:
         r = self._rank(node.inputs[0])
         if r is None:
-            self.unknown(node)
+            self.unknown(node, self.unsupported(node))
             return
         self._mixes(node, set(range(1, r)), "normalises groups of channels over")
 
@@ -744,7 +752,7 @@ class _Walker:
     def mvn(self, node: ir.Node) -> None:
         r = self._rank(node.inputs[0])
         if r is None:
-            self.unknown(node)
+            self.unknown(node, self.unsupported(node))
             return
         axes = {int(a) % r for a in _attr(node, "axes", [0, 2, 3])}
         self._mixes(node, axes, "normalises over")
@@ -752,7 +760,7 @@ class _Walker:
     def along_axis(self, node: ir.Node) -> None:
         r = self._rank(node.inputs[0])
         if r is None:
-            self.unknown(node)
+            self.unknown(node, self.unsupported(node))
             return
         self._mixes(node, {int(_attr(node, "axis", -1)) % r}, "normalises over")
 
@@ -772,7 +780,7 @@ class _Walker:
         x = node.inputs[0]
         r = self._rank(x)
         if r is None:
-            self.unknown(node)
+            self.unknown(node, self.unsupported(node))
             return
         keep = bool(_attr(node, "keepdims", 1))
         if node.op_type in ("ArgMax", "ArgMin"):
@@ -835,7 +843,7 @@ class _Walker:
         x = node.inputs[0]
         d = dims(x) if x is not None else None
         if x is None or d is None:
-            self.unknown(node)
+            self.unknown(node, self.unsupported(node))
             return
         axis = int(_attr(node, "axis", 0)) % len(d)
         s = self.get(x, axis)
@@ -864,6 +872,58 @@ class _Walker:
                     self.put(out, a, t)
             if sizes is not None:
                 off += sizes[i]
+
+    def split_to_sequence(self, node: ir.Node) -> None:
+        """A Split into a sequence (PyTorch's ``chunk``/``split`` through the dynamo exporter) whose
+        pieces are read back by ``SequenceAt`` at constant positions: the same as Split."""
+        x = node.inputs[0]
+        d = dims(x) if x is not None else None
+        if x is None or d is None or not self.all(x):
+            return
+        axis = int(_attr(node, "axis", 0)) % len(d)
+        seq = node.outputs[0]
+        readers = [u.node for u in seq.uses()]
+        if seq.is_graph_output() or any(r.op_type != "SequenceAt" or len(r.inputs) < 2 or _const(r.inputs[1]) is None
+                                        for r in readers):
+            self.unknown(node, f"{self.who(node)} makes a sequence read other than by SequenceAt at fixed positions")
+            return
+        n = d[axis]
+        arr = _const(node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1] is not None else None
+        if not isinstance(n, int) or (arr is None and len(node.inputs) > 1 and node.inputs[1] is not None):
+            self.unknown(node, f"{self.who(node)} has computed split sizes")
+            return
+        if arr is None:
+            if not int(_attr(node, "keepdims", 1)) and self.get(x, axis) is not None:
+                self.unknown(node, f"{self.who(node)} removes the split axis")
+                return
+            sizes = [1] * n
+        elif arr.ndim == 0:
+            k = int(arr)
+            sizes = [min(k, n - i) for i in range(0, n, k)]
+        else:
+            sizes = [int(v) for v in arr.reshape(-1)]
+        if sum(sizes) != n:
+            self.unknown(node, f"{self.who(node)} has split sizes that do not add up")
+            return
+        pieces: list[np.ndarray] = []
+        s = self.get(x, axis)
+        off = 0
+        for k in sizes:
+            if s is not None:
+                pieces.append(self.select(s, np.arange(off, off + k, dtype=np.int64)))
+            off += k
+        self.sequences[seq] = (axis, pieces, {a: t for a, t in self.all(x).items() if a != axis})
+
+    def sequence_at(self, node: ir.Node) -> None:
+        seq, pos = node.inputs[0], _const(node.inputs[1]) if len(node.inputs) > 1 else None
+        if seq is None or seq not in self.sequences or pos is None:
+            return
+        axis, pieces, others = self.sequences[seq]
+        out = node.outputs[0]
+        if pieces:
+            self.put(out, axis, pieces[int(pos) % len(pieces)])
+        for a, t in others.items():
+            self.put(out, a, t)
 
     def slice(self, node: ir.Node) -> None:
         x = node.inputs[0]
@@ -915,7 +975,7 @@ class _Walker:
         x = node.inputs[0]
         r = self._rank(x)
         if r is None:
-            self.unknown(node)
+            self.unknown(node, self.unsupported(node))
             return
         perm = [int(p) for p in _attr(node, "perm", list(range(r))[::-1])]
         for a, s in self.all(x).items():
@@ -946,7 +1006,7 @@ class _Walker:
         if not self.all(x):
             return
         if src is None or dst is None or _const(node.inputs[1]) is None:
-            self.unknown(node)
+            self.unknown(node, self.unsupported(node))
             return
         for a, s in self.all(x).items():
             b = a + len(dst) - len(src)
@@ -961,7 +1021,7 @@ class _Walker:
             return
         reps = _const(node.inputs[1])
         if reps is None:
-            self.unknown(node)
+            self.unknown(node, self.unsupported(node))
             return
         for a, s in self.all(x).items():
             if int(reps.reshape(-1)[a]) != 1:

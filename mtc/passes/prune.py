@@ -352,7 +352,7 @@ class _Rewriter:
         rules = {
             "Conv": self.conv, "ConvTranspose": self.conv_transpose, "Gemm": self.gemm, "MatMul": self.matmul,
             "BatchNormalization": self.norm_params, "InstanceNormalization": self.norm_params,
-            "Split": self.split, "Slice": self.slice, "Gather": self.gather, "Reshape": self.reshape,
+            "Split": self.split, "SplitToSequence": self.split_to_sequence, "Slice": self.slice, "Gather": self.gather, "Reshape": self.reshape,
             "Expand": self.expand, "Resize": self.resize,
         }
         for op in ELEMENTWISE:
@@ -499,6 +499,30 @@ class _Rewriter:
             node.replace_input_with(1, val)
         node.attributes.pop("num_outputs", None)
         node.attributes.pop("split", None)
+
+    def split_to_sequence(self, node: ir.Node) -> None:
+        x = node.inputs[0]
+        axis = int(_attr(node, "axis", 0)) % len(_dims(x))
+        m = self.mask(x, axis)
+        if m is None:
+            return
+        arr = _const(node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1] is not None else None
+        n = len(m)
+        if arr is None:
+            sizes = [1] * n
+        elif arr.ndim == 0:
+            sizes = [min(int(arr), n - i) for i in range(0, n, int(arr))]
+        else:
+            sizes = [int(v) for v in arr.reshape(-1)]
+        offs = np.concatenate([[0], np.cumsum(sizes)])
+        new = np.array([int(m[offs[i]:offs[i + 1]].sum()) for i in range(len(sizes))], dtype=np.int64)
+        if arr is not None:
+            self.set_input(node, 1, new)
+        else:
+            val = self.new_const(f"{node.name}.split", new)
+            while len(node.inputs) < 2:
+                node.resize_inputs(len(node.inputs) + 1)
+            node.replace_input_with(1, val)
 
     def new_const(self, base: str, arr: np.ndarray) -> ir.Value:
         name = unique(base, self.taken)

@@ -152,6 +152,24 @@ def test_concat_offsets_and_split_sizes_follow() -> None:
     assert _w(pruned, "yp") == (2, 2, 1, 1) and _w(pruned, "yq") == (2, 4, 1, 1)
 
 
+def test_split_to_sequence_read_at_fixed_positions_is_a_split() -> None:
+    """PyTorch's chunk through the dynamo exporter: SplitToSequence + SequenceAt."""
+    b = Builder()
+    a = b.conv("x", 3, 8, name="a")
+    seq = b.op("SplitToSequence", a, b.w(value=np.array(3, dtype=np.int64)), name="seq", axis=1)  # 3 | 3 | 2
+    p = b.op("SequenceAt", seq, b.w(value=np.array(0, dtype=np.int64)), name="p")
+    r = b.op("SequenceAt", seq, b.w(value=np.array(-1, dtype=np.int64)), name="r")
+    m = b.model(X, [b.conv(p, 3, 2, name="yp"), b.conv(r, 2, 2, name="yr")])
+    # ONNX shape inference gives a sequence's tensors no channel count; exporters record it.
+    for name, c in (("p", 3), ("r", 2)):
+        m.graph.node(name).outputs[0].shape = ir.Shape(["N", c, 8, 8])
+    ch = analyze(m)
+    assert [g.name for g in ch][1:4] == ["a[0:3]", "a[3:6]", "a[6:8]"]
+    pruned, _, _ = _prune(m, {"a[0:3]": [0, 2], "a[3:6]": [1]})
+    assert _node(pruned, "seq").inputs[1].const_value.numpy().tolist() == [2, 1, 2]
+    assert _w(pruned, "yp") == (2, 2, 1, 1) and _w(pruned, "yr") == (2, 2, 1, 1)
+
+
 def test_slice_bounds_follow() -> None:
     b = Builder()
     a = b.conv("x", 3, 8, name="a")
