@@ -819,16 +819,17 @@ class _Walker:
         for a in range(r):
             if not any(self.get(v, a) is not None for v in ins):
                 continue
-            if a == axis:
-                parts = []
+            sizes = [n if isinstance(n, int) else -1 for n in ((dims(v) or ())[a] for v in ins)]
+            if min(sizes) < 0:
                 for v in ins:
-                    size = (dims(v) or ())[a]
-                    assert isinstance(size, int)
-                    parts.append(self.need(v, a, size))
-                self.put(out, a, np.concatenate(parts))
+                    s = self.get(v, a)
+                    if s is not None:
+                        self.block(s, f"{self.who(node)} has an input of symbolic size on axis {a}")
                 continue
-            size = od[a]
-            assert isinstance(size, int)
+            if a == axis:
+                self.put(out, a, np.concatenate([self.need(v, a, n) for v, n in zip(ins, sizes, strict=True)]))
+                continue
+            size = sizes[0]
             first = None
             for v in ins:
                 s = self.need(v, a, size)

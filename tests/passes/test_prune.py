@@ -60,10 +60,7 @@ def _check_random_plan(key: str, data: st.DataObject, batch: int) -> None:
         return
     plan = ChannelPlan(keep)
     pruned = apply_plan(model, ch, plan)
-    for gid, idx in keep.items():
-        for p in ch.groups[gid].producers:  # the producers really lost the channels
-            out = next(o for n in pruned.graph if n.name == p.node for o in n.outputs)
-            assert out.shape[p.axis] < p.size or len(p.positions) < p.size or len(idx) == ch.groups[gid].size
+    assert model_cost(pruned)[0] < model_cost(model)[0]  # every prunable group has a producer: weights went
     assert compare(model, pruned, ch, keep, batch=batch) <= TOL
 
 
