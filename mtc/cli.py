@@ -87,17 +87,26 @@ def import_cmd(src: str, out: str | None, input_shape: str | None, opset: int | 
 @click.argument("model")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON (keys in docs/inspect.md).")
 @click.option("--top", type=int, default=10, show_default=True, help="How many of the heaviest nodes to list.")
+@click.option("--channels", is_flag=True,
+              help="List the channel dependency groups instead: id, size, members, prunable or why not "
+                   "(docs/channels.md).")
 @_input_shape
 @_opset
 @_exporter
 @_seed
-def inspect_cmd(model: str, as_json: bool, top: int, input_shape: str | None, opset: int | None,
+def inspect_cmd(model: str, as_json: bool, top: int, channels: bool, input_shape: str | None, opset: int | None,
                 exporter: str, seed: int) -> None:
     """Summarise a model: interface, op histogram, parameters, MACs, heaviest nodes, branch points."""
     from mtc.ir import supergraph as sg
     from mtc.ir.summary import summarize
 
     m = _load_any(model, input_shape, opset, exporter, seed)
+    if channels:
+        from mtc.ir.channels import analyze
+
+        ch = analyze(m)
+        click.echo(json.dumps(ch.to_json(), indent=2) if as_json else ch.format())
+        return
     s = summarize(m, top=top, source=model)
     if sg.is_supergraph(m):
         s["supergraph"] = sg.summarize_supergraph(m)
@@ -588,6 +597,60 @@ def export_cmd(source: str, out: str, tasks: tuple[str, ...], all_tasks: bool, f
         rep = deployment_report(inputs.model, ex, path=plan.report, provider=provider, repeat=repeat)
         click.echo(print_report(rep))
         click.echo(f"wrote {rep['path']}")
+
+
+@main.command("prune")
+@click.argument("model")
+@click.option("-o", "--output", "out", required=True, type=click.Path(dir_okay=False), help="The pruned .onnx file.")
+@click.option("--ratio", type=float, default=None, metavar="R",
+              help="Remove this fraction of every prunable group's channels, 0 < R < 1.")
+@click.option("--keep", "keep", default=None, metavar="GROUP=N,...",
+              help="Keep N channels of GROUP (a name or id from mtc inspect --channels); wins over --ratio.")
+@click.option("--importance", type=click.Choice(["l1", "l2", "random"]), default="l1", show_default=True,
+              help="Which channels to keep: largest L1 or L2 norm of the producers' weights, or random (--seed).")
+@click.option("--round-to", "round_to", type=int, default=1, show_default=True, metavar="K",
+              help="With --ratio: kept counts are multiples of K (a group smaller than K is kept whole).")
+@click.option("--ignore", default=None, metavar="NODE,...", help="Leave the groups that touch these nodes whole.")
+@click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="onnxruntime execution provider for verification and the report.")
+@click.option("--report/--no-report", default=True, show_default=True, help="Measure and print the report.")
+@click.option("--repeat", type=int, default=30, show_default=True, help="Timed runs per model in the report.")
+@_input_shape
+@_opset
+@_exporter
+@_seed
+def prune_cmd(model: str, out: str, ratio: float | None, keep: str | None, importance: str, round_to: int,
+              ignore: str | None, provider: str, report: bool, repeat: int, input_shape: str | None,
+              opset: int | None, exporter: str, seed: int) -> None:
+    """Remove channels for real: a smaller ONNX model, verified in onnxruntime against the original with
+    the removed channels' consumer weights zeroed before it is written (docs/channels.md). --seed also
+    seeds random importance and the verification input."""
+    from mtc.export.api import VerificationError, providers
+    from mtc.export.prune import (
+        parse_ignore,
+        parse_keep,
+        print_prune_report,
+        prune_model,
+        prune_report,
+        write_pruned,
+    )
+
+    keep_counts = parse_keep(keep)
+    if ratio is None and not keep_counts:
+        raise MtcError("give --ratio R or --keep GROUP=N,...")
+    providers(provider)
+    m = _import(model, input_shape, opset, exporter, seed)
+    res = prune_model(m, ratio=ratio, keep=keep_counts, importance=importance, round_to=round_to,
+                      ignore=parse_ignore(ignore), seed=seed)
+    try:
+        dst, diffs = write_pruned(res, out, provider=provider, seed=seed)
+    except VerificationError as e:
+        click.echo(f"mtc: verification failed: {e}; no file written", err=True)
+        sys.exit(VerificationError.exit_code)
+    worst = max(diffs.values()) if diffs else 0.0
+    click.echo(f"{dst}: verified against the zeroed-consumer reference (max relative difference {worst:.2g})")
+    if report:
+        click.echo(print_prune_report(prune_report(res, provider=provider, repeat=repeat)))
 
 
 def _device(device: str | None, amp: bool) -> str:
