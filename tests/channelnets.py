@@ -160,7 +160,10 @@ def zero_removed_inputs(model: ir.Model, channels: Channels, keep: dict[int, tup
         v = ir.Value(name=name, shape=ir.Shape(W.shape), type=ir.TensorType(ir.DataType.FLOAT),
                      const_value=ir.tensor(W, name=name))
         out.graph.register_initializer(v)
+        old = node.inputs[w_i]
         node.replace_input_with(w_i, v)
+        if old is not None and old.name in out.graph.initializers and not old.uses():
+            del out.graph.initializers[old.name]
     return out
 
 
