@@ -20,6 +20,7 @@ $(STAMP): setup.cfg pyproject.toml
 	touch $(STAMP)
 
 test: venv
+	$(BIN)/lint-imports --no-cache
 	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 test-slow: venv
@@ -34,6 +35,7 @@ bench: venv
 lint: venv
 	$(BIN)/ruff check mtc tests bench backbones
 	$(BIN)/mypy mtc
+	$(BIN)/lint-imports --no-cache
 
 backbones: venv
 	$(BIN)/python backbones/make_backbones.py

@@ -5,7 +5,7 @@ Two parts, one run, one JSON file:
 1. **Compile time** of ``backbones/deeplab_resnet34.prototxt`` for 1..8 tasks (``t1..t8``, kinds
    cycling seg, depth, normal, edge, keypoint) on one core (``torch.set_num_threads(1)`` and, where
    the OS has it, CPU affinity pinned to one core). The backbone is imported once (timed
-   separately); every measured compile runs :func:`mtc.passes.pipeline.compile_supergraph` on a
+   separately); every measured compile runs :func:`mtc.spaces.compile_supergraph` on a
    fresh ``model.clone()`` (the clone is not timed). Task counts are interleaved round by round;
    the median of ``--compile-repeats`` runs after a warm-up is reported per pass (the pass
    manager's own timings) and in total (wall time of the whole pipeline: passes plus the verifier
@@ -47,6 +47,7 @@ import argparse
 import gc
 import multiprocessing
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -122,7 +123,10 @@ def bench_compile(*, max_tasks: int, repeats: int, warmup: int, save_repeats: in
     import mtc.frontends.prototxt  # noqa: F401  (Python module loading is not import time)
     from mtc.frontends import import_model
     from mtc.ir import io
-    from mtc.passes.pipeline import DEFAULT_PIPELINE, compile_supergraph
+    from mtc.passes.pipeline import GENERIC_PIPELINE
+    from mtc.spaces import compile_supergraph
+
+    DEFAULT_PIPELINE = (*GENERIC_PIPELINE, "vcn")  # noqa: N806  (AutoMTL's compile)
 
     warnings.filterwarnings("ignore")  # run in a child process: the parent's filters do not apply
     torch.set_flush_denormal(True)
@@ -376,10 +380,10 @@ def _check_same(a: nn.Module, b: nn.Module, x: torch.Tensor, what: str) -> float
 def bench_train(*, counts: list[int], batch: int, head_width: int, repeats: int,
                 warmup: int) -> dict[str, Any]:
     from mtc.frontends import import_model
-    from mtc.ir import supergraph as sg
     from mtc.lower import lower
-    from mtc.lower.supergraph import lower_supergraph
-    from mtc.passes.pipeline import compile_supergraph
+    from mtc.spaces import compile_supergraph
+    from mtc.spaces.automtl import Policy, lower_supergraph
+    from mtc.tasks.spec import tasks_of
 
     base = import_model(str(TRAIN_BACKBONE))
     trunk_ir = base.clone()
@@ -392,7 +396,7 @@ def bench_train(*, counts: list[int], batch: int, head_width: int, repeats: int,
     for n in counts:
         model = base.clone()
         compile_supergraph(model, tasks=task_spec(n), head_width=head_width)
-        tasks = sg.tasks_of(model) or []
+        tasks = tasks_of(model) or []
 
         # gumbel vs 2 T backbone steps + heads ----------------------------------------------------
         gumbel = lower_supergraph(model, mode="gumbel", tau=1.0).train()
@@ -430,7 +434,7 @@ def bench_train(*, counts: list[int], batch: int, head_width: int, repeats: int,
 
         # fixed vs hand-written ----------------------------------------------------------------------
         for policy_name in ("shared", "specific"):
-            fixed = lower_supergraph(model, mode="fixed", policy=sg.Policy.uniform(model, policy_name)).train()
+            fixed = lower_supergraph(model, mode="fixed", policy=Policy.uniform(model, policy_name)).train()
             w = _weights(fixed)
             trunks = ([_trunk_from(w)] if policy_name == "shared"
                       else [_trunk_from(w, f"@{t.name}") for t in tasks])
@@ -452,6 +456,74 @@ def bench_train(*, counts: list[int], batch: int, head_width: int, repeats: int,
             "ok": all(r["pass"] for r in rows)}
 
 
+# --- part 3: prototxt to a trainable search module, and its memory --------------------------------
+
+PREP_BACKBONES = ("deeplab_resnet34", "mobilenetv2")
+MAX_PREP_S = 1.0
+MAX_MEMORY_RATIO = 1.15
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def prep_once(name: str, per_task_norm: bool) -> dict[str, float]:
+    """In a fresh process (modules imported, nothing built yet): prototxt -> compiled supergraph
+    (2 tasks) -> AutoMTL search module, timed; then the IR dropped and the resident memory the
+    module adds compared with the bytes of the parameters and buffers it holds."""
+    import gc
+
+    import mtc.frontends.prototxt  # noqa: F401  (module loading is not preparation time)
+    import mtc.lower.ops  # noqa: F401
+    from mtc.frontends import import_model
+    from mtc.spaces import compile_supergraph
+    from mtc.spaces.automtl import lower_supergraph
+
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(1)
+    torch.set_flush_denormal(True)
+    # Warm the code paths on a small net so that first-call costs (lazy imports, caches) stay out.
+    warm = import_model(str(ROOT / "backbones" / "tiny_resnet.onnx"))
+    compile_supergraph(warm, tasks="a,b", head_width=8)
+    lower_supergraph(warm, mode="warmup")
+    del warm
+    gc.collect()
+    rss0 = _rss_bytes()
+    t0 = time.perf_counter()
+    model = import_model(str(ROOT / "backbones" / f"{name}.prototxt"))
+    t1 = time.perf_counter()
+    compile_supergraph(model, tasks="seg,depth", per_task_norm=per_task_norm)
+    t2 = time.perf_counter()
+    module = lower_supergraph(model, mode="warmup")
+    t3 = time.perf_counter()
+    del model
+    gc.collect()
+    held = sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
+    return {"import_s": t1 - t0, "compile_s": t2 - t1, "lower_s": t3 - t2, "total_s": t3 - t0,
+            "module_rss_MB": (_rss_bytes() - rss0) / 1e6, "tensors_MB": held / 1e6}
+
+
+def bench_prep(repeats: int) -> dict[str, Any]:
+    rows = []
+    ctx = multiprocessing.get_context("spawn")
+    for name in PREP_BACKBONES:
+        for ptn in (False, True):
+            runs = []
+            for _ in range(repeats):
+                with ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
+                    runs.append(pool.submit(prep_once, name, ptn).result())
+            med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+            ratio = med["module_rss_MB"] / med["tensors_MB"]
+            rows.append({"backbone": f"{name}.prototxt", "per_task_norm": ptn,
+                         **{k: round(v, 3 if k.endswith("_s") else 1) for k, v in med.items()},
+                         "memory_ratio": round(ratio, 3),
+                         "pass": med["total_s"] < MAX_PREP_S and ratio <= MAX_MEMORY_RATIO})
+    return {"tasks": "seg,depth", "repeats": repeats, "threads": 1, "rows": rows,
+            "targets": {"total_s": MAX_PREP_S, "memory_ratio": MAX_MEMORY_RATIO},
+            "ok": all(r["pass"] for r in rows)}
+
+
 # --- main -------------------------------------------------------------------------------------------
 
 
@@ -470,6 +542,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--skip-compile", action="store_true")
     ap.add_argument("--skip-train", action="store_true")
+    ap.add_argument("--prep-repeats", type=int, default=5, help="fresh processes per preparation measurement")
+    ap.add_argument("--skip-prep", action="store_true")
     args = ap.parse_args(argv)
     if args.repeats < 5 or args.compile_repeats < 5:
         ap.error("--repeats and --compile-repeats must be at least 5")
@@ -522,6 +596,20 @@ def main(argv: list[str] | None = None) -> int:
         print("outputs checked equal (max abs diff): " + ", ".join(f"{k}: {v}" for k, v in tr["checks_max_abs_diff"].items()))
         print(f"({time.perf_counter() - t0:.0f} s)")
         ok = ok and tr["ok"]
+
+    if not args.skip_prep:
+        t0 = time.perf_counter()
+        pr = bench_prep(args.prep_repeats)
+        result["prep"] = pr
+        print(f"\n== prototxt -> trainable AutoMTL search module ({pr['tasks']}), 1 thread, median of "
+              f"{pr['repeats']} fresh processes; memory: resident set the module adds once the IR is dropped, "
+              "against the bytes of its parameters and buffers")
+        table = [{**r, "pass": "PASS" if r["pass"] else "FAIL"} for r in pr["rows"]]
+        print(format_table(table, ["backbone", "per_task_norm", "import_s", "compile_s", "lower_s", "total_s",
+                                   "module_rss_MB", "tensors_MB", "memory_ratio", "pass"]))
+        print(f"targets: total < {MAX_PREP_S} s, memory ratio <= {MAX_MEMORY_RATIO} "
+              f"({time.perf_counter() - t0:.0f} s)")
+        ok = ok and pr["ok"]
 
     result["ok"] = ok
     if args.out:

@@ -30,11 +30,11 @@ TASKS = {2: "a:regress:1,b:class:2", 3: "a:regress:1,b:class:2,c:seg:3",
 
 def policy_sharing(model, fraction: float):
     """The first ``fraction`` of the VCNs shared by every task, the rest task-specific."""
-    from mtc.ir import supergraph as sg
+    from mtc.spaces.automtl import Policy, vcns_of
 
-    names = [r.name for r in sg.vcns_of(model)]
+    names = [r.name for r in vcns_of(model)]
     k = round(fraction * len(names))
-    policy = sg.Policy.uniform(model, "specific")
+    policy = Policy.uniform(model, "specific")
     for v in names[:k]:
         policy.choices[v] = dict.fromkeys(policy.choices[v], 0)
     return policy
@@ -74,7 +74,7 @@ def measure(backbone: str, n_tasks: int, batch: int, head_width: int, provider: 
     from mtc.export.api import export_graphs, sample_input, session
     from mtc.frontends import import_model
     from mtc.ir.cost import model_cost
-    from mtc.passes.pipeline import compile_supergraph
+    from mtc.spaces import compile_supergraph
 
     model = import_model(str(ROOT / "backbones" / f"{backbone}.onnx"))
     compile_supergraph(model, tasks=TASKS[n_tasks], head_width=head_width)

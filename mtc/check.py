@@ -24,7 +24,7 @@ import onnx_ir as ir
 from mtc.errors import MtcError
 
 #: Version of the snapshot layout; a golden with another version is refused (regenerate it).
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _Path = tuple[str, ...]
 
@@ -58,8 +58,9 @@ def snapshot(model: ir.Model) -> dict[str, Any]:
         same content for the same graph on every run and machine. Common keys: ``schema``,
         ``kind`` (``"model"`` or ``"supergraph"``), ``opset``, ``ops``, ``nodes``,
         ``initializers``, ``inputs``, ``outputs``, ``params.total``, ``macs.total``. A plain model
-        adds ``branch_points``; a supergraph adds ``tasks``, ``feature``, ``options``, ``vcns``,
-        per-part ``params`` and the ``macs`` at the two sharing extremes.
+        adds ``branch_points``; a supergraph adds ``tasks``, ``feature``, ``space``, ``options``,
+        ``choices``, per-part ``params``, the ``macs`` per task and at the two sharing extremes, and
+        what its space adds (AutoMTL: ``vcns``, ``params.specific``, ``params.skip``).
     """
     from mtc.ir import supergraph as sg
     from mtc.ir.cost import model_cost
@@ -95,32 +96,34 @@ def snapshot(model: ir.Model) -> dict[str, Any]:
 
 def _add_supergraph(snap: dict[str, Any], model: ir.Model) -> None:
     from mtc.ir import supergraph as sg
+    from mtc.spaces import get_space
 
     sup = sg.summarize_supergraph(model)
-    vcns = sg.vcns_of(model)
-    op_of = {n.name: n.op_type for n in model.graph}
     snap["tasks"] = [f"{t['name']}:{t['kind']}:{t['channels']}" for t in sup["tasks"]]
     snap["feature"] = model.metadata_props.get(sg.FEATURE_KEY, "")
+    spaces = sup["space"].get("spaces", [sup["space"]] if sup["space"] else [])
+    snap["space"] = "+".join(str(s["name"]) for s in spaces)
     # Options are recorded by the passes as JSON scalars; floats would make equality inexact.
-    snap["options"] = {k: v for k, v in sorted(sup["options"].items()) if isinstance(v, bool | int | str)}
-    snap["vcns"] = {
-        "count": len(vcns),
-        "choices": sup["search_space"]["choices"],
-        "skips": dict(sorted(Counter(v.skip for v in vcns).items())),
-        # A unit is the weighted op and the norm chosen with it, e.g. "Conv+BatchNormalization".
-        "units": dict(sorted(Counter("+".join(op_of.get(x, "?") for x in v.nodes) for v in vcns).items())),
-    }
+    snap["options"] = {k: v for s in spaces for k, v in sorted(s.get("options", {}).items())
+                       if isinstance(v, bool | int | str)}
+    snap["choices"] = {k: v for k, v in sup["choices"].items() if v}
     p = sup["params"]
-    snap["params"].update({
-        "shared": p["shared"], "specific": p["specific"], "skip": p["skip"], "heads": p["heads"],
-        "heads_per_task": dict(p["heads_per_task"]),
-    })
+    snap["params"].update({"shared": p["shared"], "options": p["options"], "heads": p["heads"],
+                           "heads_per_task": dict(p["heads_per_task"])})
     m = sup["macs"]
     snap["macs"].update({
         "all_shared": m["total"]["all_shared"],
         "all_specific": m["total"]["all_specific"],
         "per_task": {t: dict(v) for t, v in m["per_task"].items()},
     })
+    # Each space adds what it knows (AutoMTL: VCN counts, skips, units, copies and skips' params).
+    for s in spaces:
+        extra = get_space(str(s["name"])).snapshot(model)
+        for k, v in extra.items():
+            if isinstance(v, dict) and isinstance(snap.get(k), dict):
+                snap[k].update(v)
+            else:
+                snap[k] = v
 
 
 # ----------------------------------------------------------------------------------------- compare
@@ -242,17 +245,18 @@ def load_model(
     tasks: str | None = None,
     feature: str | None = None,
     head_width: int = 256,
-    per_task_norm: bool = False,
     seed: int = 0,
     input_shape: str | None = None,
     opset: int | None = None,
     exporter: str = "dynamo",
+    space: str | None = None,
+    space_options: dict[str, Any] | None = None,
 ) -> ir.Model:
     """The model ``mtc check`` summarises.
 
     Without ``tasks``: a ``.onnx`` supergraph is read as it is, anything else is imported (as
     ``mtc inspect`` does). With ``tasks``: ``src`` is a backbone, imported and compiled with
-    :func:`~mtc.passes.pipeline.compile_supergraph` in memory, so CI can check
+    :func:`~mtc.spaces.compile_supergraph` in memory, so CI can check
     "backbone + tasks -> supergraph" without storing the supergraph.
 
     Raises:
@@ -279,8 +283,8 @@ def load_model(
             return m
     m = import_model(src, input_shape=shape, opset=opset or TARGET_OPSET, exporter=exporter, seed=seed)
     if task_list is not None:
-        from mtc.passes.pipeline import compile_supergraph
+        from mtc.spaces import DEFAULT_SPACE, compile_supergraph
 
-        m = compile_supergraph(m, tasks=task_list, feature=feature, head_width=head_width,
-                               per_task_norm=per_task_norm, seed=seed).model
+        m = compile_supergraph(m, tasks=task_list, feature=feature, head_width=head_width, seed=seed,
+                               space=space or DEFAULT_SPACE, **(space_options or {})).model
     return m

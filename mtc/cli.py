@@ -1,9 +1,16 @@
-"""The ``mtc`` command line."""
+"""The ``mtc`` command line.
+
+Search spaces and strategies declare their options once (:class:`mtc.spaces.Option`); the commands
+``compile``, ``check`` and ``search`` turn them into click options when they are first parsed or
+asked for ``--help``, so ``mtc --help`` loads no space and no command names one.
+"""
 
 from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import click
@@ -28,6 +35,21 @@ class MtcGroup(click.Group):
             sys.exit(e.exit_code)
 
 
+class PluginCommand(click.Command):
+    """A command whose last options come from the space registry, added on first use."""
+
+    def __init__(self, *args: Any, plugin_params: Callable[[], list[click.Parameter]], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._plugin_params = plugin_params
+        self._added = False
+
+    def get_params(self, ctx: click.Context) -> list[click.Parameter]:
+        if not self._added:
+            self._added = True
+            self.params.extend(self._plugin_params())
+        return super().get_params(ctx)
+
+
 def _human(n: float) -> str:
     for unit in ("", "K", "M", "G", "T"):
         if abs(n) < 1000:
@@ -42,16 +64,109 @@ def main() -> None:
     """mtc: compile a single-task CNN backbone into a multi-task model."""
 
 
-_input_shape = click.option(
-    "--input-shape", metavar="DIMS", default=None,
-    help="Input shape, e.g. 1,3,224,224 (required for PyTorch sources and symbolic spatial sizes).",
-)
-_opset = click.option("--opset", type=int, default=None, help="Target ONNX opset (17 or newer; default 18).")
-_exporter = click.option(
-    "--exporter", type=click.Choice(["dynamo", "torchscript"]), default="dynamo", show_default=True,
-    help="torch.onnx exporter for PyTorch sources.",
-)
-_seed = click.option("--seed", type=int, default=0, show_default=True, help="Seed of prototxt weight fillers.")
+# ------------------------------------------------------------------------------ shared option sets
+def _frontend_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """--input-shape, --opset, --exporter, --seed: how a backbone is imported."""
+    for deco in reversed([
+        click.option("--input-shape", metavar="DIMS", default=None,
+                     help="Input shape, e.g. 1,3,224,224 (required for PyTorch sources and symbolic spatial sizes)."),
+        click.option("--opset", type=click.IntRange(min=1), default=None,
+                     help="Target ONNX opset (17 or newer; default 18)."),
+        click.option("--exporter", type=click.Choice(["dynamo", "torchscript"]), default="dynamo", show_default=True,
+                     help="torch.onnx exporter for PyTorch sources."),
+        click.option("--seed", type=int, default=0, show_default=True,
+                     help="Seed of prototxt weight fillers and of new weights."),
+    ]):
+        f = deco(f)
+    return f
+
+
+def _compile_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """--feature, --head-width: how a backbone and tasks become a supergraph (``--space`` and the
+    spaces' own options are added by :func:`_space_params`)."""
+    for deco in reversed([
+        click.option("--feature", default=None, metavar="TENSOR", help="Tensor the heads attach to (default: found)."),
+        click.option("--head-width", type=click.IntRange(min=1, max=65536), default=None,
+                     help="ASPP head width (default 256; AutoMTL: 1024)."),
+    ]):
+        f = deco(f)
+    return f
+
+
+def _click_type(o: Any) -> Any:
+    d = o.default
+    if o.choices is not None:
+        return click.Choice(list(o.choices))
+    if o.parse is not None or isinstance(d, str) or d is None:
+        return str
+    if isinstance(d, int):
+        return click.IntRange(min=None if o.low is None else int(o.low), max=None if o.high is None else int(o.high),
+                              min_open=o.low_open, max_open=o.high_open)
+    if isinstance(d, float):
+        return click.FloatRange(min=o.low, max=o.high, min_open=o.low_open, max_open=o.high_open)
+    return str
+
+
+def _plugin_option(name: str, decls: list[tuple[str, Any]], owner: str) -> click.Option:
+    """One click option for an option name that one or more spaces/strategies declare."""
+    o = decls[0][1]
+    flag = o.flag
+    who = "; ".join(f"{w}: {d.help} [default {d.default}]" for w, d in decls)
+    help_text = f"({owner} {', '.join(w for w, _ in decls)}) {who}"
+    if isinstance(o.default, bool):
+        return click.Option([f"{flag}/--no-{flag[2:]}", name], default=None, help=help_text)
+    return click.Option([flag, name], type=_click_type(o), default=None, metavar=o.metavar, help=help_text)
+
+
+def _space_params() -> list[click.Parameter]:
+    from mtc.spaces import all_compile_options, spaces
+
+    listing = "; ".join(f"{n}: {sp.help}" for n, sp in sorted(spaces().items()))
+    params: list[click.Parameter] = [
+        click.Option(["--space", "space"], default=None, metavar="NAME",
+                     help=f"Search space (default automtl). Spaces: {listing}."),
+        click.Option(["--list-spaces", "list_spaces"], is_flag=True, default=False,
+                     help="Print the search spaces, their options and strategies, then exit."),
+    ]
+    for name, decls in sorted(all_compile_options().items()):
+        params.append(_plugin_option(name, [(sp, o) for sp, o in decls], "space"))
+    return params
+
+
+def _strategy_params() -> list[click.Parameter]:
+    from mtc.spaces import all_strategy_options
+
+    return [_plugin_option(name, [(f"{sp}/{st}", o) for sp, st, o in decls], "strategy")
+            for name, decls in sorted(all_strategy_options().items())]
+
+
+def _given(kwargs: dict[str, Any], names: set[str]) -> dict[str, Any]:
+    return {k: v for k, v in kwargs.items() if k in names and v is not None}
+
+
+def _space_options(space_name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The options given for ``space_name``; one declared only by another space is an error."""
+    from mtc.spaces import all_compile_options, get_space
+
+    sp = get_space(space_name)
+    given = _given(kwargs, set(all_compile_options()))
+    own = {o.name for o in sp.compile_options}
+    for k in given:
+        if k not in own:
+            raise MtcError(f"--{k.replace('_', '-')} does not apply to space '{sp.name}'")
+    return given
+
+
+def _print_spaces() -> None:
+    from mtc.spaces import spaces
+
+    for name, sp in sorted(spaces().items()):
+        click.echo(f"{name}: {sp.help}")
+        for o in sp.compile_options:
+            click.echo(f"  compile {o.flag}: {o.help} [default {o.default}]")
+        for st in sp.strategies.values():
+            star = " (default)" if st.name == sp.default_strategy else ""
+            click.echo(f"  strategy {st.name}{star}: {st.help}")
 
 
 def _import(src: str, input_shape: str | None, opset: int | None, exporter: str, seed: int):
@@ -63,37 +178,51 @@ def _import(src: str, input_shape: str | None, opset: int | None, exporter: str,
     )
 
 
+def _refuse_overwrite(out: str | Path, *inputs: str | Path | None, what: str = "-o") -> None:
+    """An output that would replace one of the command's inputs (same file, links resolved) is refused."""
+    o = Path(out)
+    for i in inputs:
+        if i is None:
+            continue
+        p = Path(i)
+        try:
+            same = o.exists() and p.exists() and o.samefile(p)
+        except OSError:
+            same = False
+        if same or (not o.exists() and o.resolve() == p.resolve()):
+            raise MtcError(f"{what} {out} would replace the input {i}: write to another file", file=str(out))
+
+
+# ------------------------------------------------------------------------------------------ import
 @main.command("import")
 @click.argument("src")
 @click.option("-o", "--output", "out", type=click.Path(dir_okay=False), default=None,
               help="Output .onnx file (default: SRC's stem + .onnx in the working directory).")
-@_input_shape
-@_opset
-@_exporter
-@_seed
+@_frontend_options
 def import_cmd(src: str, out: str | None, input_shape: str | None, opset: int | None, exporter: str, seed: int) -> None:
     """Import a backbone (.onnx, .prototxt, or pkg.module:factory) into the mtc IR as ONNX."""
     from mtc.frontends import default_output
     from mtc.ir import io
     from mtc.ir.cost import model_cost
 
+    dst = out or default_output(src)
+    _refuse_overwrite(dst, src if Path(src).exists() else None)
     model = _import(src, input_shape, opset, exporter, seed)
-    dst = io.save(model, out or default_output(src))
+    written = io.save(model, dst)
     params, macs, _ = model_cost(model)
-    click.echo(f"wrote {dst}: {len(list(model.graph))} nodes, {_human(params)} params, {_human(macs)} MACs")
+    click.echo(f"wrote {written}: {len(list(model.graph))} nodes, {_human(params)} params, {_human(macs)} MACs")
 
 
+# ----------------------------------------------------------------------------------------- inspect
 @main.command("inspect")
 @click.argument("model")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON (keys in docs/inspect.md).")
-@click.option("--top", type=int, default=10, show_default=True, help="How many of the heaviest nodes to list.")
+@click.option("--top", type=click.IntRange(min=0), default=10, show_default=True,
+              help="How many of the heaviest nodes to list.")
 @click.option("--channels", is_flag=True,
               help="List the channel dependency groups instead: id, size, members, prunable or why not "
                    "(docs/channels.md).")
-@_input_shape
-@_opset
-@_exporter
-@_seed
+@_frontend_options
 def inspect_cmd(model: str, as_json: bool, top: int, channels: bool, input_shape: str | None, opset: int | None,
                 exporter: str, seed: int) -> None:
     """Summarise a model: interface, op histogram, parameters, MACs, heaviest nodes, branch points."""
@@ -109,7 +238,13 @@ def inspect_cmd(model: str, as_json: bool, top: int, channels: bool, input_shape
         return
     s = summarize(m, top=top, source=model)
     if sg.is_supergraph(m):
-        s["supergraph"] = sg.summarize_supergraph(m)
+        from mtc.spaces import space_of_model
+
+        sup = sg.summarize_supergraph(m)
+        # What the space adds (AutoMTL: VCNs, skips, copy and skip parameters) joins the generic keys.
+        for k, v in space_of_model(m, file=model).summary(m).items():
+            sup.setdefault(k, v)
+        s["supergraph"] = sup
     if as_json:
         click.echo(json.dumps(s, indent=2))
         return
@@ -125,7 +260,8 @@ def _load_any(src: str, input_shape: str | None, opset: int | None, exporter: st
 
     if src.endswith(".onnx") and input_shape is None:
         m = io.load(src)
-        if sg.is_supergraph(m):
+        if sg.format_of(m) is not None:
+            sg.check_format(m, file=src)
             return m
     return _import(src, input_shape, opset, exporter, seed)
 
@@ -137,23 +273,27 @@ def _print_supergraph(sup: dict[str, Any]) -> None:
     con = Console()
     tasks = ", ".join(f"{t['name']}:{t['kind']}:{t['channels']}" for t in sup["tasks"])
     ss = sup["search_space"]
-    con.print(f"[bold]supergraph[/bold]: tasks {tasks}; {sup['vcns']} VCNs; search space 3^{ss['choices']} "
-              f"≈ 10^{ss['log10_size']} policies")
+    ch = ", ".join(f"{n} {k}" for k, n in sup["choices"].items() if n)
+    con.print(f"[bold]supergraph[/bold] ({sup['space'].get('name', '?')}): tasks {tasks}; choice points: {ch}; "
+              f"op-choice search space ≈ 10^{ss['log10_size']} plans")
+    if "vcns" in sup:
+        con.print(f"{sup['vcns']} VCNs; skips: " + ", ".join(f"{k} {n}" for k, n in sup.get("skips", {}).items()))
     p = sup["params"]
     t = Table(title="Parameters by part")
-    for col in ("shared", "task-specific copies", "skips", "heads"):
+    for col in ("shared", "options (copies, skips)", "heads"):
         t.add_column(col, justify="right")
-    t.add_row(f"{p['shared']:,}", f"{p['specific']:,}", f"{p['skip']:,}", f"{p['heads']:,}")
+    t.add_row(f"{p['shared']:,}", f"{p['options']:,}", f"{p['heads']:,}")
     con.print(t)
     m = Table(title="MACs per sample")
     m.add_column("task")
-    m.add_column("all shared", justify="right")
-    m.add_column("all task-specific", justify="right")
+    m.add_column("first option everywhere", justify="right")
+    m.add_column("cheapest option everywhere", justify="right")
     for name, v in sup["macs"]["per_task"].items():
-        m.add_row(name, f"{v['all_shared']:,}", f"{v['all_specific']:,}")
-    tot = sup["macs"]["total"]
-    m.add_row("[bold]all tasks[/bold]", f"{tot['all_shared']:,}", f"{tot['all_specific']:,}")
+        m.add_row(name, f"{v['first']:,}", f"{v['cheapest']:,}")
     con.print(m)
+    tot = sup["macs"]["total"]
+    con.print(f"all tasks: {tot['all_shared']:,} MACs on one shared stream, {tot['all_specific']:,} with one "
+              "full path per task")
 
 
 def _print_summary(s: dict[str, Any]) -> None:
@@ -189,46 +329,49 @@ def _print_summary(s: dict[str, Any]) -> None:
     con.print(f"[bold]{bp['count']} candidate branch points[/bold]: " + ", ".join(bp["names"]))
 
 
-@main.command("compile")
-@click.argument("model")
-@click.option("--tasks", "tasks", required=True, metavar="SPEC",
+# ----------------------------------------------------------------------------------------- compile
+@main.command("compile", cls=PluginCommand, plugin_params=_space_params)
+@click.argument("model", required=False)
+@click.option("--tasks", "tasks", default=None, metavar="SPEC",
               help="Tasks as name[:kind][:channels], comma-separated, e.g. seg:seg:13,depth:depth:1.")
 @click.option("-o", "--output", "out", type=click.Path(dir_okay=False), default=None,
               help="Output supergraph (default: MODEL's stem + .mtc.onnx).")
-@click.option("--feature", default=None, metavar="TENSOR", help="Tensor the heads attach to (default: found).")
-@click.option("--head-width", type=int, default=256, show_default=True, help="ASPP head width (AutoMTL: 1024).")
-@click.option("--per-task-norm", is_flag=True,
-              help="AutoMTL's per-task normalisation in every option (see docs/supergraph.md).")
+@_compile_options
 @click.option("--passes", default=None, metavar="A,B,..", help="Pass pipeline (default: the full compile).")
 @click.option("--dump-after", "dump_after", multiple=True, metavar="PASS", help="Dump the graph after PASS.")
 @click.option("--dump-dir", type=click.Path(file_okay=False), default=None,
               help="Directory for ONNX-text dumps (default: OUTPUT's stem + .dump when --dump-after is given).")
-@_input_shape
-@_opset
-@_exporter
-@_seed
-def compile_cmd(model: str, tasks: str, out: str | None, feature: str | None, head_width: int, per_task_norm: bool,
-                passes: str | None, dump_after: tuple[str, ...], dump_dir: str | None, input_shape: str | None,
-                opset: int | None, exporter: str, seed: int) -> None:
-    """Compile a backbone and a task list into a multi-task supergraph (.mtc.onnx)."""
+@_frontend_options
+def compile_cmd(model: str | None, tasks: str | None, out: str | None, feature: str | None, head_width: int | None,
+                passes: str | None, dump_after: tuple[str, ...], dump_dir: str | None,
+                input_shape: str | None, opset: int | None, exporter: str, seed: int, **kwargs: Any) -> None:
+    """Compile a backbone and a task list into a multi-task supergraph (.mtc.onnx) of a search space."""
     import time
-    from pathlib import Path
 
     from mtc.frontends import default_output
     from mtc.ir import io
-    from mtc.passes.pipeline import DEFAULT_PIPELINE, compile_supergraph
+    from mtc.spaces import DEFAULT_SPACE, compile_supergraph
     from mtc.tasks import parse_tasks
 
+    space = kwargs.pop("space", None)
+    if kwargs.pop("list_spaces", False):
+        _print_spaces()
+        return
+    if model is None or tasks is None:
+        raise MtcError("mtc compile needs MODEL and --tasks (see mtc compile --help)")
+    space = space or DEFAULT_SPACE
+    space_opts = _space_options(space, kwargs)
     task_list = parse_tasks(tasks)  # fail on a bad spec before any import work
     dst = Path(out) if out else Path(default_output(model).stem + ".mtc.onnx")
+    _refuse_overwrite(dst, model if Path(model).exists() else None)
     t0 = time.perf_counter()
     m = _import(model, input_shape, opset, exporter, seed)
     t_import = time.perf_counter() - t0
     if dump_after and dump_dir is None:
         dump_dir = str(dst.with_suffix("").with_suffix("")) + ".dump"
-    res = compile_supergraph(m, tasks=task_list, feature=feature, head_width=head_width,
-                             per_task_norm=per_task_norm, seed=seed, passes=passes or DEFAULT_PIPELINE,
-                             dump_dir=dump_dir, dump_after=dump_after)
+    res = compile_supergraph(m, tasks=task_list, feature=feature, head_width=256 if head_width is None else head_width,
+                             seed=seed, space=space, passes=passes, dump_dir=dump_dir, dump_after=dump_after,
+                             **space_opts)
     click.echo(f"{'import':<16}{t_import * 1000:9.1f} ms")
     for r in res.records:
         click.echo(f"{r.name:<16}{r.seconds * 1000:9.1f} ms  {'modified' if r.modified else 'unchanged':<9}"
@@ -239,35 +382,36 @@ def compile_cmd(model: str, tasks: str, out: str | None, feature: str | None, he
     click.echo(f"wrote {dst}")
 
 
-@main.command("check")
+# ------------------------------------------------------------------------------------------- check
+@main.command("check", cls=PluginCommand, plugin_params=_space_params)
 @click.argument("model")
 @click.option("--golden", required=True, type=click.Path(dir_okay=False), metavar="FILE.json",
               help="Golden snapshot to compare with (keys in docs/check.md).")
 @click.option("--update", is_flag=True, help="Write or overwrite the golden with MODEL's snapshot.")
 @click.option("--tasks", "tasks", default=None, metavar="SPEC",
               help="Compile MODEL (a backbone) for these tasks first, e.g. seg,depth.")
-@click.option("--feature", default=None, metavar="TENSOR", help="With --tasks: tensor the heads attach to.")
-@click.option("--head-width", type=int, default=None, help="With --tasks: ASPP head width (default 256).")
-@click.option("--per-task-norm", is_flag=True, help="With --tasks: AutoMTL's per-task normalisation.")
-@_input_shape
-@_opset
-@_exporter
-@_seed
+@_compile_options
+@_frontend_options
 def check_cmd(model: str, golden: str, update: bool, tasks: str | None, feature: str | None,
-              head_width: int | None, per_task_norm: bool, input_shape: str | None, opset: int | None,
-              exporter: str, seed: int) -> None:
+              head_width: int | None, input_shape: str | None, opset: int | None,
+              exporter: str, seed: int, **kwargs: Any) -> None:
     """Compare MODEL's graph snapshot with a golden JSON file: exit 0 if equal, 1 with a diff if not.
 
     MODEL is a compiled supergraph (.mtc.onnx), a plain model, or, with --tasks, a backbone that is
     compiled in memory first.
     """
-    from pathlib import Path
-
     from mtc import check as chk
+    from mtc.spaces import DEFAULT_SPACE
 
-    if tasks is None and (feature is not None or head_width is not None or per_task_norm):
-        raise MtcError("--feature, --head-width and --per-task-norm only apply with --tasks")
+    space = kwargs.pop("space", None)
+    if kwargs.pop("list_spaces", False):
+        _print_spaces()
+        return
+    space_opts = _space_options(space or DEFAULT_SPACE, kwargs)
+    if tasks is None and (feature is not None or head_width is not None or space is not None or space_opts):
+        raise MtcError("--feature, --head-width, --space and the space's options only apply with --tasks")
     dst = Path(golden)
+    _refuse_overwrite(dst, model if Path(model).exists() else None, what="--golden")
     # Read the golden before any compile work, so a missing or broken one fails fast.
     old: dict[str, Any] | None = None
     note = ""
@@ -279,8 +423,8 @@ def check_cmd(model: str, golden: str, update: bool, tasks: str | None, feature:
         except MtcError:
             note = " (the old file was not a usable golden)"
     m = chk.load_model(model, tasks=tasks, feature=feature, head_width=256 if head_width is None else head_width,
-                       per_task_norm=per_task_norm, seed=seed, input_shape=input_shape, opset=opset,
-                       exporter=exporter)
+                       seed=seed, input_shape=input_shape, opset=opset, exporter=exporter, space=space,
+                       space_options=space_opts)
     snap = chk.snapshot(m)
     diff = chk.compare(old, snap) if old is not None else []
     if update:
@@ -307,13 +451,13 @@ def check_cmd(model: str, golden: str, update: bool, tasks: str | None, feature:
     sys.exit(1)
 
 
+# ------------------------------------------------------------------------------------------ search
 def _load_supergraph(path: str):
     from mtc.ir import io
     from mtc.ir import supergraph as sg
 
     m = io.load(path)
-    if not sg.is_supergraph(m):
-        raise MtcError("not a supergraph: compile the backbone first (mtc compile --tasks ...)", file=path)
+    sg.check_format(m, file=path)
     return m
 
 
@@ -323,6 +467,8 @@ def _input_chw(model) -> tuple[int, int, int]:
 
 
 def _task_weights(text: str | None, tasks) -> dict[str, float] | None:
+    import math
+
     if not text:
         return None
     out: dict[str, float] = {}
@@ -332,53 +478,61 @@ def _task_weights(text: str | None, tasks) -> dict[str, float] | None:
         if name.strip() not in names:
             raise MtcError(f"--task-weights: '{name.strip()}' is not a task ({', '.join(sorted(names))})")
         try:
-            out[name.strip()] = float(val)
+            w = float(val)
         except ValueError:
             raise MtcError(f"--task-weights: '{item}' needs a number, e.g. seg=5") from None
+        if not math.isfinite(w) or w < 0:
+            raise MtcError(f"--task-weights: '{item}': a weight must be a finite number >= 0")
+        out[name.strip()] = w
     return out
 
 
-@main.command("search")
+def _run_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """Options every training command shares."""
+    for deco in reversed([
+        click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True),
+        click.option("--checkpoint-every", type=click.IntRange(min=1), default=50, show_default=True,
+                     help="Steps between checkpoints."),
+        click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None, help="Default: cuda when present."),
+        click.option("--amp", is_flag=True, help="bfloat16 autocast (CUDA only)."),
+        click.option("--quiet", is_flag=True, help="No progress bar."),
+    ]):
+        f = deco(f)
+    return f
+
+
+@main.command("search", cls=PluginCommand, plugin_params=_strategy_params)
 @click.argument("supergraph", type=click.Path(dir_okay=False))
 @click.option("--data", "data", required=True, metavar="SPEC", help="scenes, relatedness, digits or pkg.module:factory[?k=v].")
 @click.option("--run-dir", required=True, type=click.Path(file_okay=False), help="Where everything is written.")
-@click.option("--pretrain-steps", type=int, default=200, show_default=True)
-@click.option("--policy-steps", type=int, default=400, show_default=True)
-@click.option("--batch-size", type=int, default=8, show_default=True)
-@click.option("--weight-lr", type=float, default=1e-3, show_default=True, help="AutoMTL Table 1.")
-@click.option("--policy-lr", type=float, default=1e-2, show_default=True, help="AutoMTL Table 1.")
-@click.option("--lambda-reg", type=float, default=1e-3, show_default=True,
-              help="Weight of Eq. 3 (Table 1, NYUv2 row), for the paper's ~4,000 policy updates.")
-@click.option("--lambda-reg-scaling", type=click.Choice(["budget", "none"]), default="budget", show_default=True,
-              help="budget: use λ_reg · 4000 / policy-steps, the same total pull as the paper's; none: as given.")
+@click.option("--strategy", default=None, metavar="NAME", help="Search strategy (default: the space's; see mtc "
+              "compile --list-spaces).")
 @click.option("--task-weights", default=None, metavar="t=w,..", help="λ_i per task (default 1).")
-@click.option("--tau0", type=float, default=5.0, show_default=True, help="Initial Gumbel temperature.")
-@click.option("--hard", is_flag=True, help="Straight-through one-hot Gumbel samples.")
-@click.option("--sample", type=int, default=0, show_default=True,
-              help="Draw K policies and keep the best on validation (default: the most probable policy).")
-@click.option("--checkpoint-every", type=int, default=50, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None, help="Default: cuda when present.")
 @click.option("--resume", is_flag=True, help="Continue the run in --run-dir from its last checkpoint.")
-@click.option("--amp", is_flag=True, help="bfloat16 autocast (CUDA only).")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
-def search_cmd(supergraph: str, data: str, run_dir: str, pretrain_steps: int, policy_steps: int, batch_size: int,
-               weight_lr: float, policy_lr: float, lambda_reg: float, lambda_reg_scaling: str,
-               task_weights: str | None, tau0: float,
-               hard: bool, sample: int, checkpoint_every: int, seed: int, device: str | None, resume: bool,
-               amp: bool, quiet: bool) -> None:
-    """AutoMTL search: pre-train the supergraph, then train weights and policy alternately."""
+@_run_options
+def search_cmd(supergraph: str, data: str, run_dir: str, strategy: str | None, task_weights: str | None, seed: int,
+               resume: bool, batch_size: int, checkpoint_every: int, device: str | None, amp: bool, quiet: bool,
+               **kwargs: Any) -> None:
+    """Search a supergraph's space: train its search form with a strategy and derive a plan (plan.json)."""
     import shutil
-    from dataclasses import asdict
 
     from mtc.data import load_data
-    from mtc.ir import supergraph as sg
-    from mtc.search.automtl import SearchOptions, run_search
+    from mtc.spaces import all_strategy_options, resolve_options, space_of_model
+    from mtc.tasks.spec import tasks_of
     from mtc.train.run import SUPERGRAPH, RunDir, file_digest
+    from mtc.train.search import run_search
 
     run = RunDir(run_dir)
     model = _load_supergraph(supergraph)
     digest = file_digest(supergraph)
+    space = space_of_model(model, file=supergraph)
+    info = space.strategies.get(strategy or space.default_strategy)
+    if info is None:
+        space.strategy(strategy)  # raises with the list of strategies
+        return
+    given = _given(kwargs, set(all_strategy_options()))
+    strat_opts = resolve_options(info.options, given, what=f"strategy '{info.name}' of space '{space.name}'")
     if run.file("config.json").exists():
         cfg = run.config()
         if cfg.get("supergraph_sha256") != digest:
@@ -386,76 +540,69 @@ def search_cmd(supergraph: str, data: str, run_dir: str, pretrain_steps: int, po
         if not resume and run.has_checkpoint("search"):
             raise MtcError("the run directory already holds a search: pass --resume to continue it, or use a new "
                            "--run-dir", file=run_dir)
-    tasks = sg.tasks_of(model) or []
-    opts = SearchOptions(pretrain_steps=pretrain_steps, policy_steps=policy_steps, batch_size=batch_size,
-                         weight_lr=weight_lr, policy_lr=policy_lr, lambda_reg=lambda_reg,
-                         lambda_reg_scaling=lambda_reg_scaling,
-                         task_weights=_task_weights(task_weights, tasks), tau0=tau0, hard=hard, sample=sample,
-                         checkpoint_every=checkpoint_every, seed=seed, amp=amp)
+    tasks = tasks_of(model) or []
+    options = {**strat_opts, "batch_size": batch_size, "checkpoint_every": checkpoint_every, "seed": seed,
+               "amp": amp, "task_weights": _task_weights(task_weights, tasks)}
     dev = _device(device, amp)
     train, val = load_data(data, tasks, _input_chw(model), seed)
     if not run.file("config.json").exists():
         run.path.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(supergraph, run.file(SUPERGRAPH))
         run.write_json("config.json", {"supergraph": SUPERGRAPH, "supergraph_sha256": digest, "data": data,
-                                       "seed": seed, "search": asdict(opts)})
-    policy = run_search(run, model, train, val, opts, device=dev, resume=resume, progress=not quiet)
-    shared = sum(1 for per in policy.choices.values() for c in per.values() if c == 0)
-    total = sum(len(per) for per in policy.choices.values())
-    click.echo(f"policy: {shared}/{total} task-VCN choices shared; wrote {run.file('policy.json')}, "
-               f"{run.file('policy.png')}, {run.file('task_correlation.json')}")
+                                       "seed": seed, "space": space.name, "strategy": info.name, "search": options})
+    plan = run_search(run, model, train, val, options, strategy=info.name, device=dev, resume=resume,
+                      progress=not quiet)
+    decided = sum(len(per) for per in plan.ops.values())
+    firsts = sum(1 for c, per in plan.ops.items() for o in per.values() if o == _first_option(model, c))
+    click.echo(f"plan: {firsts}/{decided} task-choice decisions on the first option (shared); wrote "
+               f"{run.file('plan.json')}")
 
 
+def _first_option(model, choice: str) -> str:
+    from mtc.ir import supergraph as sg
+
+    for c in sg.choices_of(model, "op"):
+        if c.name == choice:
+            return c.options[0].name
+    return ""
+
+
+# ------------------------------------------------------------------------------------------- train
 @main.command("train")
 @click.argument("run_dir", type=click.Path(file_okay=False))
-@click.option("--steps", type=int, default=400, show_default=True)
-@click.option("--batch-size", type=int, default=8, show_default=True)
-@click.option("--lr", type=float, default=1e-3, show_default=True)
+@click.option("--steps", type=click.IntRange(min=0), default=400, show_default=True)
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True)
 @click.option("--keep-weights", is_flag=True, help="Start from the searched weights instead of re-initialised ones.")
-@click.option("--policy", "policy_file", type=click.Path(dir_okay=False), default=None,
-              help="A policy JSON to train instead of the run's policy.json.")
-@click.option("--checkpoint-every", type=int, default=50, show_default=True)
+@click.option("--plan", "--policy", "plan_file", type=click.Path(dir_okay=False), default=None,
+              help="A plan (or AutoMTL policy) JSON to train instead of the run's plan.json.")
 @click.option("--baselines", type=click.Path(file_okay=False), default=None,
               help="A mtc baseline run directory: adds Δt_i and Δt (AutoMTL Eq. 5) to metrics.json.")
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None)
 @click.option("--resume", is_flag=True)
-@click.option("--amp", is_flag=True, help="bfloat16 autocast (CUDA only).")
-@click.option("--quiet", is_flag=True)
-def train_cmd(run_dir: str, steps: int, batch_size: int, lr: float, keep_weights: bool, policy_file: str | None,
-              checkpoint_every: int, baselines: str | None, device: str | None, resume: bool, amp: bool,
-              quiet: bool) -> None:
-    """AutoMTL post-train: train the derived model with its policy fixed, then evaluate every task."""
-    import json
-
+@_run_options
+def train_cmd(run_dir: str, steps: int, lr: float, keep_weights: bool, plan_file: str | None,
+              baselines: str | None, resume: bool, batch_size: int, checkpoint_every: int, device: str | None,
+              amp: bool, quiet: bool) -> None:
+    """Post-train: train the plan's network (the derived multi-task model), then evaluate every task."""
     from mtc.data import load_data
-    from mtc.ir import supergraph as sg
+    from mtc.export.api import read_plan
+    from mtc.tasks.spec import tasks_of
     from mtc.train.posttrain import TrainOptions, run_train
-    from mtc.train.run import SUPERGRAPH, RunDir
+    from mtc.train.run import PLAN, SUPERGRAPH, RunDir, module_tensors
 
     run = RunDir(run_dir)
     cfg = run.config()
-    model = _load_supergraph(str(run.file(cfg.get("supergraph", SUPERGRAPH))))
-    if policy_file:
-        try:
-            raw = json.loads(open(policy_file).read())
-        except (OSError, json.JSONDecodeError) as e:
-            raise MtcError(f"cannot read the policy: {e}", file=policy_file) from None
-        src = policy_file
-    else:
-        raw = run.read_json("policy.json")
-        src = str(run.file("policy.json"))
-    policy = sg.Policy.from_json(raw.get("policy", raw) if isinstance(raw, dict) else raw, source=src)
-    policy.validate(model, source=src)
+    model = _load_supergraph(str(run.file(str(cfg.get("supergraph", SUPERGRAPH)))))
+    plan = read_plan(plan_file or run.file(PLAN), model)
     if not resume and run.has_checkpoint("train"):
         raise MtcError("the run directory already holds a trained model: pass --resume to continue", file=run_dir)
-    tasks = sg.tasks_of(model) or []
+    tasks = tasks_of(model) or []
     seed = int(cfg.get("seed", 0))
     train, val = load_data(cfg["data"], tasks, _input_chw(model), seed)
-    searched = run.load_checkpoint("search")["module"] if keep_weights else None
+    searched = module_tensors(run.load_checkpoint("search")[0]) if keep_weights else None
     opts = TrainOptions(steps=steps, batch_size=batch_size, lr=lr, checkpoint_every=checkpoint_every, seed=seed,
                         keep_weights=keep_weights, amp=amp)
     dev = _device(device, amp)
-    result = run_train(run, model, policy, train, val, opts, device=dev, resume=resume, progress=not quiet,
+    result = run_train(run, model, plan, train, val, opts, device=dev, resume=resume, progress=not quiet,
                        searched_state=searched)
     if baselines:
         from mtc.tasks.kinds import delta_t, relative_performance
@@ -482,16 +629,16 @@ def train_cmd(run_dir: str, steps: int, batch_size: int, lr: float, keep_weights
 @click.option("--tasks", required=True, metavar="SPEC")
 @click.option("--data", "data", required=True, metavar="SPEC")
 @click.option("--run-dir", required=True, type=click.Path(file_okay=False))
-@click.option("--steps", type=int, default=400, show_default=True, help="The same budget as mtc train.")
-@click.option("--batch-size", type=int, default=8, show_default=True)
-@click.option("--lr", type=float, default=1e-3, show_default=True)
-@click.option("--head-width", type=int, default=256, show_default=True)
+@click.option("--steps", type=click.IntRange(min=0), default=400, show_default=True,
+              help="The same budget as mtc train.")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True)
+@click.option("--head-width", type=click.IntRange(min=1, max=65536), default=256, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None)
-@click.option("--quiet", is_flag=True)
-@_input_shape
-def baseline_cmd(model: str, tasks: str, data: str, run_dir: str, steps: int, batch_size: int, lr: float,
-                 head_width: int, seed: int, device: str | None, quiet: bool, input_shape: str | None) -> None:
+@click.option("--input-shape", metavar="DIMS", default=None)
+@_run_options
+def baseline_cmd(model: str, tasks: str, data: str, run_dir: str, steps: int, lr: float, head_width: int, seed: int,
+                 input_shape: str | None, batch_size: int, checkpoint_every: int, device: str | None, amp: bool,
+                 quiet: bool) -> None:
     """Train the single-task models and the hard-shared multi-task model (the Δt reference)."""
     from mtc.data import load_data
     from mtc.frontends import import_model, parse_input_shape
@@ -507,9 +654,10 @@ def baseline_cmd(model: str, tasks: str, data: str, run_dir: str, steps: int, ba
     run = RunDir(run_dir)
     if run.file("baselines.json").exists():
         raise MtcError("the run directory already holds baselines (use a new --run-dir)", file=run_dir)
-    opts = TrainOptions(steps=steps, batch_size=batch_size, lr=lr, seed=seed)
+    opts = TrainOptions(steps=steps, batch_size=batch_size, lr=lr, seed=seed, checkpoint_every=checkpoint_every,
+                        amp=amp)
     out = run_baselines(model, task_list, train, val, run, opts, input_shape=shape, head_width=head_width,
-                        device=device or ("cuda" if _cuda() else "cpu"), progress=not quiet)
+                        device=_device(device, amp), progress=not quiet)
     click.echo(f"hard-shared: {out['multi']['params']:,} params; single-task: "
                + ", ".join(f"{t} {r['params']:,}" for t, r in out["single"].items())
                + f"; wrote {run.file('baselines.json')}")
@@ -520,8 +668,6 @@ def baseline_cmd(model: str, tasks: str, data: str, run_dir: str, steps: int, ba
 @click.option("--out", default="report", show_default=True, help="Writes OUT.md and OUT.json.")
 def report_cmd(dirs: tuple[str, ...], out: str) -> None:
     """Tables 2/3 of AutoMTL: params in % of the single-task models, every metric, Δt_i and Δt."""
-    import json
-
     from mtc.ir.io import atomic_write
     from mtc.train.report import build_report, to_markdown
 
@@ -536,6 +682,7 @@ def report_cmd(dirs: tuple[str, ...], out: str) -> None:
     click.echo(f"wrote {out}.md and {out}.json")
 
 
+# ------------------------------------------------------------------------------------------ export
 @main.command("export")
 @click.argument("source", type=click.Path())
 @click.option("-o", "--out", "out", required=True, type=click.Path(),
@@ -550,22 +697,23 @@ def report_cmd(dirs: tuple[str, ...], out: str) -> None:
 @click.option("--resize-matmul/--keep-resize", default=True, show_default=True,
               help="Rewrite linear Resize as two MatMuls with interpolation matrices: exact, and several times "
                    "faster in onnxruntime (docs/export.md).")
-@click.option("--policy", "policy_file", type=click.Path(dir_okay=False), default=None,
-              help="The policy JSON: required for a supergraph SOURCE; for a run directory, instead of its "
-                   "policy.json (it must be the one trained).")
+@click.option("--plan", "--policy", "plan_file", type=click.Path(dir_okay=False), default=None,
+              help="The plan (or AutoMTL policy) JSON: required for a supergraph SOURCE; for a run directory, "
+                   "instead of its plan.json (it must be the one trained).")
 @click.option("--weights", "weights_file", type=click.Path(dir_okay=False), default=None,
-              help="Trained weights (an mtc train checkpoint or a torch.save'd state dict of the fixed-policy "
-                   "lowering): for a supergraph SOURCE (default: its initial weights), or instead of a run's "
-                   "checkpoints/train.pt.")
+              help="Trained weights (an mtc train checkpoint, or a safetensors file keyed by IR names): for a "
+                   "supergraph SOURCE (default: its initial weights), or instead of a run's final checkpoint.")
 @click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
               help="onnxruntime execution provider for verification and the report.")
 @click.option("--report/--no-report", default=True, show_default=True,
               help="Measure and print the deployment report (report.json in the folder, or <stem>.report.json "
                    "beside a single file).")
-@click.option("--repeat", type=int, default=30, show_default=True, help="Timed runs per model in the report.")
+@click.option("--repeat", type=click.IntRange(min=1), default=30, show_default=True,
+              help="Timed runs per model in the report.")
 def export_cmd(source: str, out: str, tasks: tuple[str, ...], all_tasks: bool, fused: bool | None, fold_bn: bool,
-               resize_matmul: bool, policy_file: str | None, weights_file: str | None, provider: str, report: bool, repeat: int) -> None:
-    """Export SOURCE (a trained run directory, or a supergraph file with --policy) to ONNX: per-task
+               resize_matmul: bool, plan_file: str | None, weights_file: str | None, provider: str, report: bool,
+               repeat: int) -> None:
+    """Export SOURCE (a trained run directory, or a supergraph file with --plan) to ONNX: per-task
     pruned models and/or the fused one, each verified in onnxruntime before it is written."""
     from mtc.export.api import (
         VerificationError,
@@ -577,14 +725,17 @@ def export_cmd(source: str, out: str, tasks: tuple[str, ...], all_tasks: bool, f
     )
 
     providers(provider)  # a clear message before any work when CUDA is unavailable
-    inputs = load_source(source, policy_file=policy_file, weights_file=weights_file)
-    plan = plan_outputs(inputs.model, out, tasks=tasks, all_tasks=all_tasks, fused=fused)
-    ex = export_graphs(inputs.model, inputs.policy, inputs.weights, tasks=plan.tasks, fused=plan.fused,
-                       fold_bn=fold_bn, resize_matmul=resize_matmul, weights_source=inputs.weights_path)
+    inputs = load_source(source, plan_file=plan_file, weights_file=weights_file)
+    outs = plan_outputs(inputs.model, out, tasks=tasks, all_tasks=all_tasks, fused=fused)
+    for p in outs.paths.values():
+        _refuse_overwrite(p, inputs.supergraph_path, inputs.weights_path, plan_file)
+    ex = export_graphs(inputs.model, inputs.plan, inputs.weights, tasks=outs.tasks, fused=outs.fused,
+                       fold_bn=fold_bn, resize_matmul=resize_matmul, weights_source=inputs.weights_path,
+                       origin=inputs.origin())
     if inputs.weights is None:
         click.echo("mtc: note: no --weights: exporting the supergraph's initial (untrained) weights", err=True)
     try:
-        written = write_verified(ex, plan.paths, provider=provider)
+        written = write_verified(ex, outs.paths, provider=provider)
     except VerificationError as e:
         click.echo(f"mtc: verification failed: {e}; no file written", err=True)
         sys.exit(VerificationError.exit_code)
@@ -594,11 +745,12 @@ def export_cmd(source: str, out: str, tasks: tuple[str, ...], all_tasks: bool, f
     if report:
         from mtc.export.report import deployment_report, print_report
 
-        rep = deployment_report(inputs.model, ex, path=plan.report, provider=provider, repeat=repeat)
+        rep = deployment_report(inputs.model, ex, path=outs.report, provider=provider, repeat=repeat)
         click.echo(print_report(rep))
         click.echo(f"wrote {rep['path']}")
 
 
+# ------------------------------------------------------------------------------------------- prune
 @main.command("prune")
 @click.argument("model")
 @click.option("-o", "--output", "out", required=True, type=click.Path(dir_okay=False), help="The pruned .onnx file.")
@@ -615,10 +767,7 @@ def export_cmd(source: str, out: str, tasks: tuple[str, ...], all_tasks: bool, f
               help="onnxruntime execution provider for verification and the report.")
 @click.option("--report/--no-report", default=True, show_default=True, help="Measure and print the report.")
 @click.option("--repeat", type=int, default=30, show_default=True, help="Timed runs per model in the report.")
-@_input_shape
-@_opset
-@_exporter
-@_seed
+@_frontend_options
 def prune_cmd(model: str, out: str, ratio: float | None, keep: str | None, importance: str, round_to: int,
               ignore: str | None, provider: str, report: bool, repeat: int, input_shape: str | None,
               opset: int | None, exporter: str, seed: int) -> None:
@@ -653,6 +802,103 @@ def prune_cmd(model: str, out: str, ratio: float | None, keep: str | None, impor
         click.echo(print_prune_report(prune_report(res, provider=provider, repeat=repeat)))
 
 
+# ------------------------------------------------------------------------------------------ verify
+def _load_inputs(specs: tuple[str, ...], names: list[str]) -> list[Any] | None:
+    """``--input x.npy`` in graph-input order, or ``--input NAME=x.npy``."""
+    import numpy as np
+
+    if not specs:
+        return None
+    by_name: dict[str, Any] = {}
+    positional: list[Any] = []
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or name.endswith(".npy"):
+            name, path = "", spec
+        p = Path(path)
+        if not p.is_file():
+            raise MtcError("no such file", file=path)
+        try:
+            arr = np.load(p, allow_pickle=False)
+        except Exception as e:
+            raise MtcError(f"not a .npy array ({type(e).__name__}: {e})", file=path) from None
+        if name:
+            if name not in names:
+                raise MtcError(f"--input {name}=...: the model has no input '{name}' (inputs: {', '.join(names)})")
+            by_name[name] = arr
+        else:
+            positional.append(arr)
+    if by_name and positional:
+        raise MtcError("--input: give all inputs by position or all as NAME=file.npy, not both")
+    if by_name:
+        missing = [n for n in names if n not in by_name]
+        if missing:
+            raise MtcError(f"--input: no array for input(s) {', '.join(missing)}")
+        return [by_name[n] for n in names]
+    return positional
+
+
+@main.command("verify")
+@click.argument("model_path", metavar="MODEL", type=click.Path(dir_okay=False))
+@click.option("--input", "input_specs", multiple=True, metavar="[NAME=]FILE.npy",
+              help="Input array (.npy), repeated per graph input; random (seeded) by default.")
+@click.option("--atol", type=click.FloatRange(min=0), default=None, help="Absolute tolerance (default 1e-5).")
+@click.option("--rtol", type=click.FloatRange(min=0), default=None,
+              help="Tolerance relative to each output's scale (max |onnxruntime output|; default 1e-4).")
+@click.option("--compile", "use_compile", is_flag=True, help="Also check the module under torch.compile.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random inputs.")
+@click.option("--against", "against", type=click.Path(file_okay=False), default=None, metavar="RUN_DIR",
+              help="Check an exported model against the run's plan lowering (as mtc export does).")
+@click.option("--task", "task", default=None, metavar="T", help="With --against: compare only this task's output.")
+def verify_cmd(model_path: str, input_specs: tuple[str, ...], atol: float | None, rtol: float | None,
+               use_compile: bool, seed: int, against: str | None = None, task: str | None = None) -> None:
+    """Run MODEL lowered to PyTorch and in onnxruntime; exit 0 if every output agrees, 1 if not."""
+    if against is not None:
+        _verify_against(model_path, against, task, seed)
+        return
+    if task is not None:
+        raise MtcError("--task only applies with --against RUN_DIR")
+    from rich.console import Console
+    from rich.table import Table
+
+    from mtc.ir import io
+    from mtc.ir.opset import convert_opset
+    from mtc.lower.verify import DEFAULT_ATOL, DEFAULT_RTOL, _user_inputs, verify
+
+    atol = DEFAULT_ATOL if atol is None else atol
+    rtol = DEFAULT_RTOL if rtol is None else rtol
+    model = convert_opset(io.load(model_path), file=model_path)
+    names = [str(v.name) for v in _user_inputs(model)]
+    inputs = _load_inputs(input_specs, names)
+    report = verify(model, inputs=inputs, seed=seed, atol=atol, rtol=rtol, compile=use_compile)
+
+    table = Table(title=f"{model_path}: lowering vs onnxruntime (atol {atol:g}, rtol {rtol:g})")
+    for col in ("output", "mode", "shape", "max abs diff", "max rel diff", "status"):
+        table.add_column(col, justify="right" if "diff" in col else "left", overflow="fold")
+    for mode, d in report.rows():
+        status = "[green]ok[/green]" if d.ok else f"[red]FAIL[/red] {d.note}".rstrip()
+        table.add_row(d.name, mode, "x".join(map(str, d.shape)) or "scalar", f"{d.max_abs:.3g}", f"{d.max_rel:.3g}",
+                      status)
+    Console(soft_wrap=True).print(table)
+    if not report.ok:
+        click.echo("outputs differ beyond tolerance", err=True)
+        sys.exit(1)
+
+
+def _verify_against(model_path: str, run_dir: str, task: str | None, seed: int) -> None:
+    from mtc.export.api import VerificationError, verify_against
+
+    if not Path(model_path).is_file():
+        raise MtcError("no such file", file=model_path)
+    try:
+        diffs = verify_against(model_path, run_dir, task=task, seed=seed)
+    except VerificationError as e:
+        click.echo(f"mtc: verification failed: {e}", err=True)
+        sys.exit(1)
+    for name, d in diffs.items():
+        click.echo(f"{name}: max relative difference {d:.3g} against the lowering of {run_dir}: ok")
+
+
 def _device(device: str | None, amp: bool) -> str:
     """The torch device: CUDA when present unless told otherwise; --amp needs CUDA."""
     dev = device or ("cuda" if _cuda() else "cpu")
@@ -668,18 +914,6 @@ def _cuda() -> bool:
 
     return bool(torch.cuda.is_available())
 
-
-def _register_optional() -> None:
-    # Commands from other subsystems register here as they land; missing ones are skipped so the
-    # CLI works during development.
-    try:
-        from mtc.lower.cli import verify_cmd
-    except ImportError:
-        return
-    main.add_command(verify_cmd, "verify")
-
-
-_register_optional()
 
 if __name__ == "__main__":  # pragma: no cover
     main(prog_name="mtc")

@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from mtc.errors import MtcError
-from mtc.tasks.losses import collate_batch
+from mtc.tasks.batch import collate_batch
 from mtc.tasks.spec import TaskSpec
 
 __all__ = ["EpochSampler", "make_loader", "split"]

@@ -18,6 +18,7 @@ import torch
 from mtc.errors import MtcError
 from mtc.export import graph as eg
 from mtc.ir import supergraph as sg
+from mtc.ir.plan import Plan
 from mtc.ir.shapes import input_dims
 
 #: Verification tolerance: max |a - b| / max |reference| per output.
@@ -35,69 +36,75 @@ class VerificationError(Exception):
 
 @dataclass
 class Exported:
-    """The exported graphs of one supergraph under one policy."""
+    """The exported graphs of one supergraph under one plan."""
 
     tasks: dict[str, ir.Model] = field(default_factory=dict)
     fused: ir.Model | None = None
-    module: Any = None  # the fixed-mode lowering they were bound from (the verification reference)
-    policy: sg.Policy | None = None
+    module: Any = None  # the plan's lowering with the weights loaded (the verification reference)
+    plan: Plan | None = None
     fold_bn: bool = False
     resize_matmul: bool = True
+    origin: dict[str, Any] = field(default_factory=dict)  # what the files came from (recorded in each)
 
 
-def _info(kind: str, tasks: list[str], policy: sg.Policy, fold_bn: bool, resize_matmul: bool) -> dict[str, Any]:
+def _info(kind: str, tasks: list[str], plan: Plan, fold_bn: bool, resize_matmul: bool,
+          origin: dict[str, Any]) -> dict[str, Any]:
     from mtc import __version__
 
     return {"kind": kind, "tasks": tasks, "fold_bn": fold_bn, "resize_matmul": resize_matmul, "mtc": __version__,
-            "policy": policy.to_json()}
+            "plan": plan.to_json(), **origin}
 
 
 def export_graphs(
     model: ir.Model,
-    policy: sg.Policy,
-    weights: Mapping[str, torch.Tensor] | torch.nn.Module | None = None,
+    plan: Any,
+    weights: Mapping[str, torch.Tensor] | Any = None,
     *,
     tasks: Sequence[str] | None = None,
     fused: bool = True,
     fold_bn: bool = False,
     resize_matmul: bool = True,
     weights_source: str | None = None,
+    origin: dict[str, Any] | None = None,
 ) -> Exported:
-    """Per-task graphs (and the fused one) of ``model`` under ``policy`` with ``weights`` bound.
+    """Per-task graphs (and the fused one) of ``model`` under ``plan`` with ``weights`` bound.
 
     Args:
         model: the supergraph; not modified.
-        policy: a fixed policy for every VCN and task.
-        weights: a state dict of the fixed-mode lowered module (``checkpoints/train.pt``'s
-            ``"module"``), the module itself, or None for the supergraph's initial weights.
+        plan: a plan deciding every choice point (or a space's view of one, with ``to_plan()``).
+        weights: tensors by IR name (``module/`` of a train checkpoint), the plan's lowered module,
+            or None for the supergraph's initial weights.
         tasks: the tasks to export one graph each for (default: all, in task order).
         fused: also build the fused graph of all tasks.
         fold_bn: fold BatchNormalization into the preceding Conv.
         resize_matmul: rewrite linear Resize as MatMuls with interpolation matrices (exact, and
             several times faster in onnxruntime; :mod:`mtc.export.resize`).
         weights_source: the file ``weights`` came from, named in errors.
+        origin: recorded in every file's ``mtc.export`` metadata (run, weights digest).
 
     Raises:
-        MtcError: the policy, a task or the weights do not match the supergraph.
+        MtcError: the plan, a task or the weights do not match the supergraph.
     """
-    if not sg.is_supergraph(model):
-        raise MtcError("not a supergraph: compile the backbone first (mtc compile --tasks ...)")
-    order = [t.name for t in sg.tasks_of(model) or []]
+    sg.check_format(model)
+    p = eg.as_plan(plan)
+    p.validate(model)
+    order = sg.task_names(model)
     wanted = list(order if tasks is None else tasks)
     for t in wanted:
         if t not in order:
             raise MtcError(f"task '{t}' is not in the run (tasks: {', '.join(order)})")
-    module = fixed_module = eg.fixed_module(model, policy, weights, source=weights_source)
-    grouped = eg.ungroup(eg.bind(fixed_module))
-    out = Exported(module=module, policy=policy, fold_bn=fold_bn, resize_matmul=resize_matmul)
+    module = eg.fixed_module(model, p, weights, source=weights_source)
+    grouped = eg.ungroup(eg.bind(model, p, weights, source=weights_source))
+    org = dict(origin or {})
+    out = Exported(module=module, plan=p, fold_bn=fold_bn, resize_matmul=resize_matmul, origin=org)
     for t in wanted:
         m = eg.restrict(grouped, [t])
         out.tasks[t] = eg.finish(m, order=order, fold_bn=fold_bn, resize_matmul=resize_matmul,
-                                 info=_info("task", [t], policy, fold_bn, resize_matmul))
+                                 info=_info("task", [t], p, fold_bn, resize_matmul, org))
     if fused:
         m = eg.restrict(grouped, order)
         out.fused = eg.finish(m, order=order, fold_bn=fold_bn, resize_matmul=resize_matmul,
-                              info=_info("fused", order, policy, fold_bn, resize_matmul))
+                              info=_info("fused", order, p, fold_bn, resize_matmul, org))
     return out
 
 
@@ -333,7 +340,7 @@ def plan_outputs(model: ir.Model, out: str | os.PathLike[str], *, tasks: Sequenc
     Raises:
         MtcError: an unknown task, ``--all`` with ``--task``, or a ``.onnx`` output for several models.
     """
-    order = [t.name for t in sg.tasks_of(model) or []]
+    order = sg.task_names(model)
     if all_tasks and tasks:
         raise MtcError("--all and --task exclude each other")
     for t in tasks:
@@ -370,115 +377,110 @@ class RunInputs:
     """What export reads from a run directory or a supergraph file."""
 
     model: ir.Model
-    policy: sg.Policy
+    plan: Plan
     weights: dict[str, torch.Tensor] | None  # None: the supergraph's initial weights
     supergraph_path: str
     weights_path: str | None = None
+    run_dir: str | None = None
+
+    def origin(self) -> dict[str, Any]:
+        """What an exported file records of where it came from (``mtc verify --against`` checks it)."""
+        from mtc.train.run import file_digest
+
+        out: dict[str, Any] = {"supergraph_sha256": file_digest(self.supergraph_path)}
+        if self.weights_path is not None:
+            out["weights_sha256"] = file_digest(self.weights_path)
+        if self.run_dir is not None:
+            out["run"] = str(Path(self.run_dir).resolve())
+        return out
 
 
-def read_policy(path: str | os.PathLike[str], model: ir.Model) -> sg.Policy:
-    """A policy JSON (``{"policy": {...}}`` as ``policy.json`` holds it, or the bare mapping),
-    validated against ``model``."""
-    import json
+def read_plan(path: str | os.PathLike[str], model: ir.Model) -> Plan:
+    """A plan file (``plan.json``, or an older form the supergraph's space reads, such as AutoMTL's
+    ``policy.json``), validated against ``model``."""
+    from mtc.ir.plan import read_plan_file
+    from mtc.spaces import read_plan as _read
 
-    try:
-        raw = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise MtcError(f"cannot read the policy: {e}", file=str(path)) from None
-    if not isinstance(raw, dict):
-        raise MtcError("not a policy: expected a JSON object", file=str(path))
-    policy = sg.Policy.from_json(raw.get("policy", raw), source=str(path))
-    policy.validate(model, source=str(path))
-    return policy
+    return _read(read_plan_file(path), model, source=str(path))
 
 
 def read_weights(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
-    """The state dict of the fixed-mode lowered module from a file: a checkpoint written by
-    ``mtc train`` (``{"module": state_dict, ...}``) or a plain state dict saved with ``torch.save``.
+    """Tensors by IR name from a file: a checkpoint written by ``mtc train`` (its ``module/`` part) or
+    a safetensors file of weights keyed by IR name. Nothing is unpickled.
 
     Raises:
-        MtcError: the file is missing, corrupt, or holds neither.
+        MtcError: the file is missing, corrupt, not safetensors, or holds no tensors.
     """
-    from mtc.train.run import read_checkpoint
+    from mtc.train.run import module_tensors, read_tensors
 
-    state = read_checkpoint(path)
-    if isinstance(state, Mapping) and isinstance(state.get("module"), Mapping):
-        state = state["module"]
-    if isinstance(state, torch.nn.Module):
-        state = state.state_dict()
-    if not (isinstance(state, Mapping) and state
-            and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items())):
-        raise MtcError("not weights: expected an mtc train checkpoint ({'module': state_dict}) or a state dict "
-                       "of tensors", file=str(path))
-    return dict(state)
+    tensors, _meta = read_tensors(path)
+    state = module_tensors(tensors)
+    if not state:
+        raise MtcError("not weights: the file holds no tensors", file=str(path))
+    return state
 
 
-def load_run(run_dir: str | os.PathLike[str], *, policy_file: str | os.PathLike[str] | None = None,
+def load_run(run_dir: str | os.PathLike[str], *, plan_file: str | os.PathLike[str] | None = None,
              weights_file: str | os.PathLike[str] | None = None) -> RunInputs:
-    """The supergraph, policy and final trained weights of a run directory.
+    """The supergraph, plan and final trained weights of a run directory.
 
     Args:
         run_dir: the run directory.
-        policy_file: a policy JSON instead of the run's ``policy.json``.
-        weights_file: weights (see :func:`read_weights`) instead of ``checkpoints/train.pt``,
+        plan_file: a plan instead of the run's ``plan.json``.
+        weights_file: weights (see :func:`read_weights`) instead of ``checkpoints/train.safetensors``,
             which then need not exist.
 
     Raises:
-        MtcError: not a run directory, no final checkpoint (``checkpoints/train.pt``), or a policy
-            that does not match the supergraph's VCNs or tasks.
+        MtcError: not a run directory, no final checkpoint, or a plan that does not match the
+            supergraph.
     """
     from mtc.ir.io import load
-    from mtc.train.run import SUPERGRAPH, RunDir
+    from mtc.train.run import PLAN, SUPERGRAPH, RunDir
 
     run = RunDir(run_dir)
     if not run.path.is_dir():
         raise MtcError("no such run directory", file=str(run_dir))
     cfg = run.config()
-    sg_path = run.file(cfg.get("supergraph", SUPERGRAPH))
+    sg_path = run.file(str(cfg.get("supergraph", SUPERGRAPH)))
     model = load(sg_path)
-    if not sg.is_supergraph(model):
-        raise MtcError("not a supergraph", file=str(sg_path))
+    sg.check_format(model, file=str(sg_path))
     if weights_file is None and not run.has_checkpoint("train"):
-        raise MtcError("no final checkpoint (checkpoints/train.pt): train the run first (mtc train RUN_DIR)",
-                       file=str(run_dir))
-    policy = read_policy(policy_file if policy_file is not None else run.file("policy.json"), model)
-    if weights_file is not None:
-        return RunInputs(model=model, policy=policy, weights=read_weights(weights_file),
-                         supergraph_path=str(sg_path), weights_path=str(weights_file))
-    state = run.load_checkpoint("train")["module"]
-    return RunInputs(model=model, policy=policy, weights=state, supergraph_path=str(sg_path),
-                     weights_path=str(run.checkpoint_path("train")))
+        raise MtcError("no final checkpoint (checkpoints/train.safetensors): train the run first "
+                       "(mtc train RUN_DIR)", file=str(run_dir))
+    plan = read_plan(plan_file if plan_file is not None else run.file(PLAN), model)
+    wpath = Path(weights_file) if weights_file is not None else run.checkpoint_path("train")
+    return RunInputs(model=model, plan=plan, weights=read_weights(wpath), supergraph_path=str(sg_path),
+                     weights_path=str(wpath), run_dir=str(run_dir))
 
 
-def load_source(source: str | os.PathLike[str], *, policy_file: str | os.PathLike[str] | None = None,
+def load_source(source: str | os.PathLike[str], *, plan_file: str | os.PathLike[str] | None = None,
                 weights_file: str | os.PathLike[str] | None = None) -> RunInputs:
     """What ``mtc export SOURCE`` exports: a run directory (:func:`load_run`) or a supergraph file.
 
-    A supergraph file needs ``policy_file``; ``weights_file`` is optional (None: the supergraph's
+    A supergraph file needs ``plan_file``; ``weights_file`` is optional (None: the supergraph's
     initial weights, ``RunInputs.weights`` is None). For a run directory, ``weights_file``
-    replaces ``checkpoints/train.pt``.
+    replaces the final checkpoint.
 
     Raises:
-        MtcError: no such source, a file that is not a supergraph, no policy for a supergraph file,
-            a policy that does not match, or a weights file that is corrupt or not weights.
+        MtcError: no such source, a file that is not a supergraph, no plan for a supergraph file,
+            a plan that does not match, or a weights file that is corrupt or not weights.
     """
     from mtc.ir.io import load
 
     p = Path(source)
     if p.is_dir():
-        return load_run(p, policy_file=policy_file, weights_file=weights_file)
+        return load_run(p, plan_file=plan_file, weights_file=weights_file)
     if not p.exists():
         raise MtcError("no such run directory or supergraph file", file=str(source))
     model = load(p)
-    if not sg.is_supergraph(model):
-        raise MtcError("not a supergraph: give a run directory or a file written by mtc compile --tasks",
+    sg.check_format(model, file=str(source))
+    if plan_file is None:
+        raise MtcError("a supergraph source needs --policy/--plan FILE (a run's plan.json or policy.json, or a "
+                       "hand-written plan)",
                        file=str(source))
-    if policy_file is None:
-        raise MtcError("a supergraph source needs --policy FILE (a run's policy.json, or {vcn: {task: choice}})",
-                       file=str(source))
-    policy = read_policy(policy_file, model)
+    plan = read_plan(plan_file, model)
     weights = read_weights(weights_file) if weights_file is not None else None
-    return RunInputs(model=model, policy=policy, weights=weights, supergraph_path=str(p),
+    return RunInputs(model=model, plan=plan, weights=weights, supergraph_path=str(p),
                      weights_path=str(weights_file) if weights_file is not None else None)
 
 
@@ -487,17 +489,39 @@ def verify_against(path: str | os.PathLike[str], run_dir: str | os.PathLike[str]
     """``mtc verify OUT.onnx --against RUN_DIR [--task T]``: an exported file against the run's lowering.
 
     Raises:
-        MtcError: bad run directory, or ``task`` is not in the run or not an output of the file.
+        MtcError: bad run directory, ``task`` is not in the run or not an output of the file, or the
+            file records that it was exported from another run or other weights.
         VerificationError: an output differs beyond ``tolerance``.
     """
     inputs = load_run(run_dir)
-    order = [t.name for t in sg.tasks_of(inputs.model) or []]
+    order = sg.task_names(inputs.model)
     if task is not None and task not in order:
         raise MtcError(f"task '{task}' is not in the run (tasks: {', '.join(order)})")
-    module = eg.fixed_module(inputs.model, inputs.policy, inputs.weights)
+    _check_origin(path, inputs)
+    module = eg.fixed_module(inputs.model, inputs.plan, inputs.weights, source=inputs.weights_path)
     sess = session(path, provider)
     outs = [o.name for o in sess.get_outputs()]
     if task is not None and task not in outs:
         raise MtcError(f"the model has no output '{task}' (outputs: {', '.join(outs)})", file=str(path))
     diffs = verify(path, module, seed=seed, provider=provider, tolerance=tolerance)
     return {task: diffs[task]} if task is not None else diffs
+
+
+def _check_origin(path: str | os.PathLike[str], inputs: RunInputs) -> None:
+    """Refuse a file whose ``mtc.export`` metadata names another supergraph or other weights."""
+    import json
+
+    from mtc.ir.io import load
+
+    meta = load(path).metadata_props.get(eg.EXPORT_KEY)
+    if meta is None:
+        return  # not written by mtc export: nothing recorded to compare
+    try:
+        info = json.loads(meta)
+    except json.JSONDecodeError:
+        raise MtcError(f"corrupt '{eg.EXPORT_KEY}' metadata", file=str(path)) from None
+    want = inputs.origin()
+    for key, what in (("supergraph_sha256", "supergraph"), ("weights_sha256", "weights")):
+        if key in info and key in want and info[key] != want[key]:
+            raise MtcError(f"the file was exported from other {what} than the run's (its {key} "
+                           f"{str(info[key])[:12]}…, the run's {want[key][:12]}…)", file=str(path))

@@ -1,8 +1,8 @@
-"""Deployable graphs from a supergraph, a fixed policy and trained weights.
+"""Deployable graphs from a supergraph, a plan and trained weights.
 
 The chain, all on clones (the input model is never mutated)::
 
-    supergraph ─ specialize(policy) ─ trained weights, CopyOf → initializers  (bind)
+    supergraph ─ specialize(plan) ─ trained weights by IR name, CopyOf → initializers  (bind)
                ─ one tensor per group of identical streams, plain ONNX            (ungroup)
                ─ all task outputs: fused graph │ one task output + dead code: task graph
 
@@ -28,83 +28,108 @@ import torch
 from mtc.errors import MtcError
 from mtc.ir import supergraph as sg
 from mtc.ir.opset import TARGET_OPSET
+from mtc.ir.plan import Plan
+from mtc.lower.module import GraphModule
 from mtc.passes.canonicalize import remove_dead
+from mtc.spaces import bind_plan
 
 EXPORT_KEY = "mtc.export"
 # Temporary marker on the per-group clones: the node name they were cloned from.
 _BASE = "mtc.export.base"
-_DROP_METADATA = (sg.FORMAT_KEY, sg.VCNS_KEY, sg.OPTIONS_KEY)
+_DROP_METADATA = (sg.FORMAT_KEY, sg.CHOICES_KEY, sg.SPACE_KEY)
 
 
-def fixed_module(model: ir.Model, policy: sg.Policy,
-                 weights: Mapping[str, torch.Tensor] | torch.nn.Module | None = None, *,
-                 source: str | None = None) -> Any:
-    """The fixed-policy lowering of ``model`` with ``weights`` loaded, in eval mode.
+def fixed_module(model: ir.Model, plan: Any, weights: Mapping[str, torch.Tensor] | GraphModule | None = None, *,
+                 source: str | None = None) -> GraphModule:
+    """The lowering of ``plan``'s network with ``weights`` loaded, in eval mode: what every exported
+    file is verified against.
 
     Args:
         model: the supergraph (not modified).
-        policy: the fixed policy (validated against the supergraph).
-        weights: a state dict of the fixed-mode lowered module, the module itself (returned as
-            is, in eval mode), or None for the supergraph's initial weights.
+        plan: a plan (or a space's view of one, with ``to_plan()``).
+        weights: tensors by IR name (a trained run's ``module/`` tensors), the plan's lowered module
+            itself (returned as is, in eval mode), or None for the supergraph's initial weights.
         source: the file the weights came from, named in errors.
 
     Raises:
-        MtcError: the policy does not match, or the weights do not fit the policy's network.
+        MtcError: the plan does not match, or the weights do not fit the plan's network.
     """
-    from mtc.lower.module import GraphModule
-    from mtc.lower.supergraph import lower_supergraph
+    from mtc.lower.module import lower
 
-    policy.validate(model)
+    p = as_plan(plan)
+    p.validate(model)
     if isinstance(weights, GraphModule):
         return weights.eval()
-    module = lower_supergraph(model, mode="fixed", policy=policy)
+    module = lower(bind_plan(model, p))
     if weights is not None:
-        state = dict(weights.state_dict() if isinstance(weights, torch.nn.Module) else weights)
-        own = module.state_dict()
-        missing = sorted(set(own) - set(state))
-        extra = sorted(set(state) - set(own))
-        if missing or extra:
-            what = f"lacks '{missing[0]}'" if missing else f"has unknown '{extra[0]}'"
-            raise MtcError(f"the weights do not fit the policy's network: the state dict {what} "
-                           f"({len(missing)} missing, {len(extra)} unknown)", file=source)
-        bad = [k for k, v in state.items() if tuple(v.shape) != tuple(own[k].shape)]
-        if bad:
-            raise MtcError(f"the weights do not fit the policy's network: '{bad[0]}' has shape "
-                           f"{tuple(state[bad[0]].shape)}, expected {tuple(own[bad[0]].shape)}", file=source)
-        module.load_state_dict(state)
+        module.load_ir_state(dict(weights), source=source)
     return module.eval()
 
 
-def bind(module: Any) -> ir.Model:
-    """The specialised graph of a fixed-mode module with its current weights as initializers.
+def as_plan(plan: Any) -> Plan:
+    """A :class:`Plan`, from itself or a space's view of one (``to_plan()``)."""
+    return plan.to_plan() if hasattr(plan, "to_plan") else plan
+
+
+def bind(model: ir.Model, plan: Any, weights: Mapping[str, torch.Tensor] | GraphModule | None = None, *,
+         source: str | None = None) -> ir.Model:
+    """The specialised graph of ``plan`` with ``weights`` bound as initializers (no lowering).
 
     Every ``CopyOf`` becomes an initializer named like its output (``conv1.weight@seg``) holding the
-    task's trained copy.
+    copy's trained tensor (or its source's, without weights); every other weight is replaced by
+    the tensor of the same IR name.
+
+    Raises:
+        MtcError: the weights lack a tensor the network needs, have one it does not know, or one
+            of the wrong shape (naming it and ``source``).
     """
-    model = module.to_model()
-    g = model.graph
-    copies: dict[str, str] = getattr(module, "mtc_copies", {}) or {}
+    m = bind_plan(model, as_plan(plan))
+    g = m.graph
+    if isinstance(weights, GraphModule):
+        weights = weights.ir_state()
+    state = dict(weights) if weights is not None else None
+    used: set[str] = set()
+
+    def tensor_of(name: str, like: ir.TensorProtocol | None, shape: tuple[int, ...]) -> ir.TensorProtocol:
+        assert state is not None
+        if name not in state:
+            raise MtcError(f"the weights do not fit the plan's network: they lack '{name}'", file=source)
+        t = state[name]
+        if tuple(t.shape) != tuple(shape):
+            raise MtcError(f"the weights do not fit the plan's network: '{name}' has shape {tuple(t.shape)}, "
+                           f"expected {tuple(shape)}", file=source)
+        used.add(name)
+        arr = t.detach().cpu().numpy()
+        if like is not None:
+            arr = arr.astype(like.dtype.numpy(), copy=False)
+        return ir.tensor(arr, name=name)
+
     for node in list(g):
         if node.domain != sg.DOMAIN or node.op_type != "CopyOf":
             continue
         out = node.outputs[0]
         name = out.name
-        assert name is not None  # the vcn pass names every copy
-        attr = copies.get(name)
-        if attr is None:
-            raise MtcError(f"the lowered module holds no trained copy for '{name}'", node=node.name, op="CopyOf")
-        arr = getattr(module, attr).detach().cpu().numpy()
+        assert name is not None  # the passes name every copy
         src = node.inputs[0]
-        if src is not None and src.const_value is not None:
-            arr = arr.astype(src.const_value.dtype.numpy(), copy=False)
-        init = ir.Value(name=None, type=out.type, shape=ir.Shape(arr.shape), const_value=ir.tensor(arr, name=name))
+        assert src is not None and src.const_value is not None  # a copy of an initializer
+        tensor = (tensor_of(name, src.const_value, tuple(src.const_value.shape.numpy())) if state is not None
+                  else ir.tensor(np.array(src.const_value.numpy(), copy=True), name=name))
+        init = ir.Value(name=None, type=out.type, shape=ir.Shape(tensor.shape.numpy()), const_value=tensor)
         out.name = None
         init.name = name
         g.register_initializer(init)
         out.replace_all_uses_with(init, replace_graph_outputs=True)
         g.remove(node, safe=True)
-    remove_dead(model)
-    return model
+    remove_dead(m)
+    if state is not None:
+        for name, v in g.initializers.items():
+            if name in state and name not in used and v.const_value is not None:
+                v.const_value = tensor_of(name, v.const_value, tuple(v.const_value.shape.numpy()))
+        extra = sorted(set(state) - used)
+        if extra:
+            raise MtcError(f"the weights do not fit the plan's network: they have unknown '{extra[0]}' "
+                           f"({len(extra)} unknown)", file=source)
+    return m
 
 
 def ungroup(spec: ir.Model) -> ir.Model:

@@ -80,7 +80,7 @@ def _zero_consumer_weights(g: ir.Graph, node: ir.Node, data_index: int, position
                    const_value=ir.tensor(W, name=name))
     g.register_initializer(val)
     node.replace_input_with(w_index, val)
-    if wv.name in g.initializers and not wv.uses() and not wv.is_graph_output():
+    if wv.name is not None and wv.name in g.initializers and not wv.uses() and not wv.is_graph_output():
         del g.initializers[wv.name]
 
 

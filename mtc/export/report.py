@@ -21,6 +21,7 @@ from mtc.export.api import REPORT, Exported, export_graphs, sample_input, sessio
 from mtc.ir import supergraph as sg
 from mtc.ir.cost import model_cost
 from mtc.ir.io import atomic_write
+from mtc.ir.plan import reference_plan
 from mtc.timing import time_interleaved
 
 __all__ = ["REPORT", "deployment_report", "latencies_ms", "latency_ms", "print_report"]
@@ -72,9 +73,9 @@ def deployment_report(model: ir.Model, ex: Exported, out_dir: str | os.PathLike[
         batch: input batch size for the timings.
     """
     x = sample_input(ex.module.model, seed=0, batch=batch)
-    order = [t.name for t in sg.tasks_of(model) or []]
+    order = sg.task_names(model)
     # The reference gets the same rewrites (BatchNorm, Resize), so MACs and latency compare like with like.
-    base = export_graphs(model, sg.Policy.uniform(model, 0), None, tasks=list(ex.tasks), fused=False,
+    base = export_graphs(model, reference_plan(model), None, tasks=list(ex.tasks), fused=False,
                          fold_bn=ex.fold_bn, resize_matmul=ex.resize_matmul)
     timed: dict[str, ir.Model] = {}
     for t, m in ex.tasks.items():
@@ -85,10 +86,10 @@ def deployment_report(model: ir.Model, ex: Exported, out_dir: str | os.PathLike[
         timed["fused"] = ex.fused
         missing = [t for t in order if t not in ex.tasks]
         if missing:
-            if ex.policy is None:
-                raise ValueError("the fused report needs every task's model or the export policy")
-            more = export_graphs(model, ex.policy, ex.module, tasks=missing, fused=False, fold_bn=ex.fold_bn,
-                                 resize_matmul=ex.resize_matmul)
+            if ex.plan is None:
+                raise ValueError("the fused report needs every task's model or the export plan")
+            more = export_graphs(model, ex.plan, ex.module.ir_state(), tasks=missing, fused=False,
+                                 fold_bn=ex.fold_bn, resize_matmul=ex.resize_matmul)
             timed.update({f"exported/{t}": m for t, m in more.tasks.items()})
     ms = latencies_ms(timed, x, provider=provider, repeat=repeat)
     rows = {t: {"exported": {**_cost(timed[f"exported/{t}"]), "latency_ms": ms[f"exported/{t}"]},

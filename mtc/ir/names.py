@@ -10,6 +10,8 @@ import onnx_ir as ir
 from mtc.errors import MtcError
 
 ORIGIN_KEY = "mtc.origin"
+#: ``metadata_props`` key naming the task a node belongs to (heads and task-owned options).
+TASK_KEY = "mtc.task"
 #: Set by a front end on nodes whose names are machine-made and should follow their origin.
 RENAME_KEY = "mtc.rename"
 
@@ -67,6 +69,11 @@ def fix_names(model: ir.Model) -> bool:
                 changed = True
             taken_values.add(out.name)
     return changed
+
+
+def head_prefix(task: str) -> str:
+    """``head@{task}``: the prefix of a task head's node and initializer names, and its origin."""
+    return f"head@{task}"
 
 
 def origin(node: ir.Node) -> str | None:

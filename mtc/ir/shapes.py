@@ -8,12 +8,38 @@ import onnx_ir as ir
 from mtc.errors import MtcError
 
 
+_FLOATS = {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE}
+#: Float initializers above this many elements reach shape inference without their data.
+_WEIGHTLESS_ABOVE = 1024
+
+
+def _proto_without_weights(model: ir.Model) -> onnx.ModelProto:
+    """``model`` as a proto whose large float initializers carry type and shape but no bytes.
+
+    Shape inference reads only their dims (data propagation needs the small integer ones), so
+    serialising 85 MB of weights for it would be pure cost (~1 s on deeplab_resnet34).
+    """
+    swapped: list[tuple[ir.Value, ir.TensorProtocol]] = []
+    try:
+        for v in model.graph.initializers.values():
+            t = v.const_value
+            if t is None or t.dtype not in _FLOATS or t.size <= _WEIGHTLESS_ABOVE:
+                continue
+            swapped.append((v, t))
+            v.const_value = ir.ExternalTensor("mtc-weights-not-loaded", offset=0, length=t.nbytes, dtype=t.dtype,
+                                              shape=t.shape, name=v.name or "", base_dir="")
+        return ir.to_proto(model)
+    finally:
+        for v, t in swapped:
+            v.const_value = t
+
+
 def infer_shapes(model: ir.Model, *, file: str | None = None) -> ir.Model:
     """Run ONNX shape inference (with data propagation) and write the results into ``model`` in place.
 
     Custom-domain nodes are skipped by ONNX's inference and keep whatever shapes they carry.
     """
-    proto = ir.to_proto(model)
+    proto = _proto_without_weights(model)
     # Shape inference must not see stale value_info: an old, wrong shape would be merged in.
     del proto.graph.value_info[:]
     try:

@@ -1,17 +1,24 @@
-"""The supergraph format: constants, metadata and queries (see docs/supergraph.md).
+"""The supergraph format 2 (``mtc.supergraph/2``): constants, choice points and queries.
 
-A supergraph is a valid ONNX model. Its custom constructs are nodes in domain ``ai.mtc``:
+A supergraph is a valid ONNX model (docs/supergraph.md) encoding a backbone, one head per task and
+a search space. Its custom constructs are nodes in domain ``ai.mtc``:
 
 - ``Fork``: the input replicated into one stream per task, stacked along the batch axis
-  (task-major: rows ``[i*N, (i+1)*N)`` belong to task ``i``). Every activation downstream of it
-  is such a stacked tensor, so ops without parameters run once on all streams.
+  (task-major: rows ``[i*N, (i+1)*N)`` belong to task ``i``). Ops without parameters downstream
+  run once on all streams.
 - ``TaskSlice``: one task's stream (``N`` rows) of a stacked tensor.
-- ``CopyOf``: a task-specific copy of a shared initializer. It is not stored: the lowering makes a
-  new parameter initialised from the source (so a 5-task supergraph is barely larger than the
-  backbone).
-- ``Gate``: a virtual computation node's choice. Inputs: the shared option, the task-specific
-  option and the skip option per task, then the policy logits; output: the stacked stream of
-  every task's selected (or mixed) option.
+- ``CopyOf``: a copy of a shared initializer owned by one task or by one option of a choice; not
+  stored: a reader makes a new tensor initialised from the source.
+- ``Gate``: an *op choice*: per task, one of ``K`` options (the shared operator, a copy, a skip, a
+  branch's copy of a block), restacked. Inputs option-major (option ``k``, task ``i`` at
+  ``k*T + i``), then optionally the ``[T, K]`` logits of a gradient-based strategy.
+- ``Mask``: per-task channel masks over a channel dependency group: ``(x, mask[T, C])``.
+- ``Width``: a width choice over a channel dependency group (a prefix of the channels is kept),
+  one for all tasks or one per task.
+
+A *choice point* is one of these decisions, recorded in ``metadata_props["mtc.choices"]`` (JSON,
+:class:`ChoicePoint`); a *plan* (:mod:`mtc.ir.plan`) decides every choice point. What a search space
+adds beyond that (its name, version and compile options) is ``metadata_props["mtc.space"]``.
 """
 
 from __future__ import annotations
@@ -24,107 +31,246 @@ from typing import Any
 import onnx_ir as ir
 
 from mtc.errors import MtcError
-from mtc.tasks.spec import TaskSpec
 
 DOMAIN = "ai.mtc"
-DOMAIN_VERSION = 1
-FORMAT = "mtc.supergraph/1"
+DOMAIN_VERSION = 2
+FORMAT = "mtc.supergraph/2"
+#: Formats of earlier releases: recognised only to say what to do with them.
+OLD_FORMATS = ("mtc.supergraph/1",)
 
 FORMAT_KEY = "mtc.format"
 TASKS_KEY = "mtc.tasks"
-VCNS_KEY = "mtc.vcns"
 FEATURE_KEY = "mtc.feature"
-OPTIONS_KEY = "mtc.options"
-#: Node metadata on the Concat that ``specialize`` puts where a Gate was: the VCN's name. Export
-#: reads it to know the Concat joins stream groups (not data), so it must never be renamed away.
+CHOICES_KEY = "mtc.choices"
+SPACE_KEY = "mtc.space"
+#: Node metadata on the Concat that ``specialize`` puts where a Gate or Mask was: the choice's name.
+#: Export reads it to know the Concat joins stream groups (not data), so it must never be renamed away.
 MERGE_KEY = "mtc.merge"
+#: Model metadata of a graph specialised to a plan: the plan's JSON.
+PLAN_KEY = "mtc.plan"
 
-#: the three options of a VCN, in the order of the policy logits (AutoMTL: P = 0, 1, 2)
-OPTIONS = ("shared", "specific", "skip")
+#: Option scopes: an option computed once on the stacked tensor (it may serve any task that picks
+#: it), or one subgraph per task on that task's slice.
+STACKED = "stacked"
+PER_TASK = "task"
+
+CHOICE_KINDS = ("op", "mask", "width")
 
 
 @dataclass
-class VcnRecord:
-    """One virtual computation node: a weighted operator and the normalisation that follows it."""
+class OptionRecord:
+    """One option of an op choice.
+
+    Attributes:
+        name: unique within its choice (``shared``, ``specific``, ``skip``, ``copy1``, ...).
+        scope: :data:`STACKED` (``nodes`` is a list run on the stacked input) or :data:`PER_TASK`
+            (``nodes`` maps each task to the nodes of its own subgraph on its slice).
+        nodes: the option's nodes (see ``scope``).
+        entry: for a stacked option, the nodes that read the choice's input (where ``specialize``
+            restricts the option to the tasks that pick it).
+        params: parameters of one instance of the option (per task for a per-task option).
+        macs: MACs of one instance for one sample.
+        tasks: the tasks that may pick it (None: every task).
+        info: space-specific facts (AutoMTL's skip kind, say), JSON scalars only.
+    """
 
     name: str
-    depth: int  # 1-based position among VCNs in topological order (l in AutoMTL Eq. 3)
-    nodes: list[str]  # the shared unit's nodes
+    scope: str
+    nodes: list[str] | dict[str, list[str]]
+    entry: list[str] = field(default_factory=list)
+    params: int = 0
+    macs: int = 0
+    tasks: list[str] | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ChoicePoint:
+    """A decision the search makes, as recorded in ``mtc.choices``.
+
+    Common attributes: ``kind`` (``op``, ``mask`` or ``width``), ``name`` (unique), ``node`` (the
+    ``Gate``, ``Mask`` or ``Width`` node), ``input`` / ``output`` (stacked tensors), ``depth``
+    (1-based position among the graph's choices of its kind, in topological order).
+
+    Op choices: ``options`` (:class:`OptionRecord`), ``logits`` (the ``[T, K]`` initializer, or
+    None). Mask and width choices: ``channels`` (C on ``axis``), ``group`` (the channel group it
+    covers, when known: the tensors that must keep the same channels), ``per_task`` (width: one
+    width per task rather than one for all), ``widths`` (width: the allowed channel counts).
+    """
+
+    kind: str
+    name: str
+    node: str
     input: str
     output: str
-    gate: str
-    policy: str  # initializer holding the [tasks, 3] logits
-    skip: str  # "identity", "downsample" (1x1 conv + BN) or "select" (strided slice + channel gather)
-    params: int  # parameters of the shared unit
-    macs: int  # MACs of the shared unit for one stream
-    skip_params: int = 0  # per task
-    skip_macs: int = 0  # per task
-    copies: dict[str, list[str]] = field(default_factory=dict)  # task -> copy node names
+    depth: int = 0
+    options: list[OptionRecord] = field(default_factory=list)
+    logits: str | None = None
+    axis: int = 1
+    channels: int = 0
+    group: list[str] = field(default_factory=list)
+    per_task: bool = True
+    widths: list[int] = field(default_factory=list)
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def option(self, name: str) -> OptionRecord:
+        for o in self.options:
+            if o.name == name:
+                return o
+        raise KeyError(name)
+
+    @property
+    def option_names(self) -> list[str]:
+        return [o.name for o in self.options]
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        # Fields that do not apply to the kind stay out, so the metadata reads like the docs.
+        if self.kind == "op":
+            for k in ("axis", "channels", "group", "per_task", "widths"):
+                d.pop(k)
+        else:
+            d.pop("options")
+            d.pop("logits")
+            if self.kind == "mask":
+                d.pop("widths")
+                d.pop("per_task")
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> ChoicePoint:
+        d = dict(d)
+        d["options"] = [OptionRecord(**o) for o in d.get("options", [])]
+        return cls(**d)
+
+
+def format_of(model: ir.Model) -> str | None:
+    return model.metadata_props.get(FORMAT_KEY)
 
 
 def is_supergraph(model: ir.Model) -> bool:
-    return model.metadata_props.get(FORMAT_KEY) == FORMAT
+    return format_of(model) == FORMAT
 
 
-def tasks_json(tasks: Sequence[TaskSpec]) -> str:
-    """The ``mtc.tasks`` metadata: ``[{"name": .., "kind": .., "channels": ..}, ...]`` in task order."""
-    return json.dumps([{"name": t.name, "kind": t.kind, "channels": t.channels} for t in tasks])
+def check_format(model: ir.Model, *, file: str | None = None) -> None:
+    """Refuse a supergraph of an older format with a line that says what to do.
+
+    Raises:
+        MtcError: ``model`` is a supergraph of a format this release no longer reads, or not a
+            supergraph at all.
+    """
+    fmt = format_of(model)
+    if fmt in OLD_FORMATS:
+        raise MtcError(f"a supergraph of format {fmt}, which this mtc no longer reads: recompile the backbone "
+                       "with mtc compile (format 2 records choice points and plans)", file=file)
+    if fmt != FORMAT:
+        raise MtcError("not a supergraph: compile the backbone first (mtc compile --tasks ...)", file=file)
 
 
-def tasks_of(model: ir.Model) -> list[TaskSpec] | None:
-    """The tasks recorded in ``model.metadata_props["mtc.tasks"]``, or None if there are none."""
+# ------------------------------------------------------------------------------------------ tasks
+def task_records(model: ir.Model) -> list[dict[str, Any]] | None:
+    """``mtc.tasks``: ``[{"name", "kind", "channels"}, ...]`` in task order, or None."""
     text = model.metadata_props.get(TASKS_KEY)
     if text is None:
         return None
     try:
-        return [TaskSpec(str(d["name"]), str(d["kind"]), int(d["channels"])) for d in json.loads(text)]
+        raw = json.loads(text)
+        return [{"name": str(d["name"]), "kind": str(d["kind"]), "channels": int(d["channels"])} for d in raw]
     except (ValueError, TypeError, KeyError) as e:
         raise MtcError(f"metadata '{TASKS_KEY}' is not a task list ({type(e).__name__}: {e})") from None
 
 
-def set_tasks(model: ir.Model, tasks: Sequence[TaskSpec]) -> None:
-    model.metadata_props[TASKS_KEY] = tasks_json(tasks)
+def task_names(model: ir.Model) -> list[str]:
+    return [d["name"] for d in task_records(model) or []]
 
 
-def vcns_of(model: ir.Model) -> list[VcnRecord]:
-    raw = model.metadata_props.get(VCNS_KEY)
-    return [VcnRecord(**r) for r in json.loads(raw)] if raw else []
+def tasks_json(tasks: Sequence[Any]) -> str:
+    """The ``mtc.tasks`` metadata for objects with ``name``, ``kind`` and ``channels``."""
+    return json.dumps([{"name": t.name, "kind": t.kind, "channels": t.channels} for t in tasks])
 
 
-def set_vcns(model: ir.Model, vcns: list[VcnRecord]) -> None:
-    model.metadata_props[VCNS_KEY] = json.dumps([asdict(v) for v in vcns], separators=(",", ":"))
+# ---------------------------------------------------------------------------------------- choices
+def choices_of(model: ir.Model, kind: str | None = None) -> list[ChoicePoint]:
+    """The choice points, in the order recorded (topological within each kind)."""
+    raw = model.metadata_props.get(CHOICES_KEY)
+    if not raw:
+        return []
+    try:
+        out = [ChoicePoint.from_json(d) for d in json.loads(raw)]
+    except (ValueError, TypeError, KeyError) as e:
+        raise MtcError(f"metadata '{CHOICES_KEY}' is not a list of choice points ({type(e).__name__}: {e})") from None
+    return [c for c in out if kind is None or c.kind == kind]
 
 
-def options_of(model: ir.Model) -> dict[str, Any]:
-    raw = model.metadata_props.get(OPTIONS_KEY)
+def set_choices(model: ir.Model, choices: Sequence[ChoicePoint]) -> None:
+    names = [c.name for c in choices]
+    dup = next((n for n in names if names.count(n) > 1), None)
+    if dup is not None:
+        raise MtcError(f"two choice points are named '{dup}'")
+    model.metadata_props[CHOICES_KEY] = json.dumps([c.to_json() for c in choices], separators=(",", ":"))
+
+
+def add_choices(model: ir.Model, new: Sequence[ChoicePoint]) -> None:
+    """Append choice points (spaces compose: op choices and masks in one graph), renumbering depths."""
+    allc = choices_of(model) + list(new)
+    for kind in CHOICE_KINDS:
+        for d, c in enumerate((c for c in allc if c.kind == kind), start=1):
+            c.depth = d
+    set_choices(model, allc)
+
+
+def space_of(model: ir.Model) -> dict[str, Any]:
+    """``mtc.space``: ``{"name", "version", "options"}`` of the space that compiled the graph
+    (``"spaces"``: every space that inserted choice points, in order)."""
+    raw = model.metadata_props.get(SPACE_KEY)
     return json.loads(raw) if raw else {}
 
 
-def summarize_supergraph(model: ir.Model) -> dict[str, Any]:
-    """Tasks, VCNs, search-space size, parameters per part and MACs at the sharing extremes.
+def set_space(model: ir.Model, name: str, version: int, options: dict[str, Any]) -> None:
+    """Record the space (``options`` must be JSON scalars). A second space adds to ``spaces``."""
+    cur = space_of(model)
+    spaces = list(cur.get("spaces", []))
+    spaces.append({"name": name, "version": int(version), "options": options})
+    head = spaces[0]
+    model.metadata_props[SPACE_KEY] = json.dumps({**head, "spaces": spaces}, sort_keys=True)
 
-    MACs are per sample. "All shared" runs one backbone stream plus every head; "all specific"
-    runs one backbone copy per task plus every head (the two ends of the AutoMTL search space).
+
+def mark_supergraph(model: ir.Model) -> None:
+    """Declare the format and the ``ai.mtc`` domain (idempotent)."""
+    model.metadata_props[FORMAT_KEY] = FORMAT
+    model.opset_imports[DOMAIN] = DOMAIN_VERSION
+
+
+# -------------------------------------------------------------------------------------- summary
+def summarize_supergraph(model: ir.Model) -> dict[str, Any]:
+    """Tasks, choice points, search-space size, parameters per part and MACs per sample.
+
+    Parameters: ``shared`` (the nodes every task can run: backbone, stacked options), ``options``
+    (per-task copies and per-task options, for all tasks) and ``heads``. MACs: per task, the
+    task's path when every op choice picks its first option (``first``: AutoMTL's all-shared) and
+    its cheapest path (``cheapest``); in total, all tasks on one stream (``all_shared``) and one
+    full path per task (``all_specific``).
     """
     import math
 
-    from mtc.ir.cost import node_cost
-    from mtc.tasks.heads import TASK_KEY, head_prefix
+    from mtc.ir.cost import node_cost, param_inputs
+    from mtc.ir.names import TASK_KEY, head_prefix
 
-    tasks = tasks_of(model) or []
-    vcns = vcns_of(model)
-    names = [t.name for t in tasks]
-    head_params = dict.fromkeys(names, 0)
-    head_macs = dict.fromkeys(names, 0)
-    shared_params = shared_macs = 0
+    tasks = task_names(model)
+    choices = choices_of(model)
+    ops = [c for c in choices if c.kind == "op"]
+    head_params = dict.fromkeys(tasks, 0)
+    head_macs = dict.fromkeys(tasks, 0)
+    shared_params = trunk_macs = 0
     seen: set[int] = set()
-    from mtc.ir.cost import param_inputs
-
     for n in model.graph:
         if n.domain == DOMAIN:
             continue
         task = n.metadata_props.get(TASK_KEY)
-        c = node_cost(n)
+        name = n.name or ""
+        is_head = task is not None and name.startswith(head_prefix(task) + "/")
+        if task is not None and not is_head:
+            continue  # a task's own option: counted from the records below
         fresh = 0
         for v in param_inputs(n):
             if id(v) not in seen:
@@ -132,83 +278,39 @@ def summarize_supergraph(model: ir.Model) -> dict[str, Any]:
                 t = v.const_value
                 assert t is not None  # param_inputs only returns initializers that hold a tensor
                 fresh += math.prod(t.shape.numpy())
-        if task is None:
-            shared_params += fresh
-            shared_macs += c.macs
-        else:
-            assert n.name is not None  # verify() guarantees every node is named
-            if not n.name.startswith(head_prefix(task) + "/"):
-                continue
+        macs = node_cost(n).macs
+        if is_head:
+            assert task is not None
             head_params[task] += fresh
-            head_macs[task] += c.macs
-    specific = sum(v.params for v in vcns) * len(tasks)
-    skip = sum(v.skip_params for v in vcns) * len(tasks)
-    points = len(vcns) * len(tasks)
+            head_macs[task] += macs
+        else:
+            shared_params += fresh
+            trunk_macs += macs
+    # Copies are CopyOf nodes, not initializers: options are counted from the records. The trunk
+    # MACs above count each stacked option once; a task runs exactly one option per choice.
+    option_params = first_delta = cheapest_delta = 0
+    for c in ops:
+        first = c.options[0]
+        for o in c.options[1:]:
+            option_params += o.params * (len(tasks) if o.scope == PER_TASK else 1)
+        stacked_sum = sum(o.macs for o in c.options if o.scope == STACKED)
+        first_delta += first.macs - stacked_sum
+        cheapest_delta += min(o.macs for o in c.options) - stacked_sum
+    points = sum(len(tasks) for _ in ops)
+    log10 = sum(len(tasks) * math.log10(max(1, len(c.options))) for c in ops)
+    per_task = {t: {"first": trunk_macs + first_delta + head_macs[t],
+                    "cheapest": trunk_macs + cheapest_delta + head_macs[t]} for t in tasks}
+    one_path = trunk_macs + first_delta
     return {
-        "tasks": [asdict(t) for t in tasks],
-        "vcns": len(vcns),
-        "search_space": {"choices": points, "log10_size": round(points * math.log10(3), 2) if points else 0.0},
-        "params": {"shared": shared_params, "specific": specific, "skip": skip,
-                   "heads": sum(head_params.values()), "heads_per_task": head_params},
+        "tasks": task_records(model) or [],
+        "space": space_of(model),
+        "choices": {k: sum(1 for c in choices if c.kind == k) for k in CHOICE_KINDS},
+        "search_space": {"choices": points, "log10_size": round(log10, 2)},
+        "params": {"shared": shared_params, "options": option_params, "heads": sum(head_params.values()),
+                   "heads_per_task": head_params},
         "macs": {
-            "per_task": {t: {"all_shared": shared_macs + head_macs[t], "all_specific": shared_macs + head_macs[t]}
-                         for t in names},
-            "total": {"all_shared": shared_macs + sum(head_macs.values()),
-                      "all_specific": len(tasks) * shared_macs + sum(head_macs.values())},
+            "per_task": per_task,
+            "total": {"all_shared": one_path + sum(head_macs.values()),
+                      "all_specific": len(tasks) * one_path + sum(head_macs.values())},
         },
-        "options": options_of(model),
     }
-
-
-@dataclass
-class Policy:
-    """A discrete sharing policy: for every VCN and task, the option index (0 shared, 1 specific, 2 skip)."""
-
-    choices: dict[str, dict[str, int]]
-
-    @classmethod
-    def uniform(cls, model: ir.Model, option: int | str) -> Policy:
-        idx = OPTIONS.index(option) if isinstance(option, str) else int(option)
-        tasks = [t.name for t in tasks_of(model) or []]
-        return cls({v.name: dict.fromkeys(tasks, idx) for v in vcns_of(model)})
-
-    @classmethod
-    def random(cls, model: ir.Model, seed: int = 0, p: Sequence[float] = (1 / 3, 1 / 3, 1 / 3)) -> Policy:
-        import numpy as np
-
-        rng = np.random.default_rng(seed)
-        tasks = [t.name for t in tasks_of(model) or []]
-        return cls({v.name: {t: int(rng.choice(3, p=list(p))) for t in tasks} for v in vcns_of(model)})
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any], *, source: str | None = None) -> Policy:
-        """Read ``{"vcn": {"task": "shared" | "specific" | "skip" | 0 | 1 | 2}}``."""
-        out: dict[str, dict[str, int]] = {}
-        try:
-            for vcn, per_task in data.items():
-                out[vcn] = {t: OPTIONS.index(c) if isinstance(c, str) else int(c) for t, c in per_task.items()}
-        except (ValueError, AttributeError, TypeError) as e:
-            raise MtcError(f"not a policy: {e} (expected {{vcn: {{task: shared|specific|skip}}}})",
-                           file=source) from None
-        return cls(out)
-
-    def to_json(self) -> dict[str, dict[str, str]]:
-        return {v: {t: OPTIONS[c] for t, c in per.items()} for v, per in self.choices.items()}
-
-    def validate(self, model: ir.Model, *, source: str | None = None) -> None:
-        """The policy names exactly the supergraph's VCNs and tasks, with options 0..2."""
-        tasks = [t.name for t in tasks_of(model) or []]
-        vcns = [v.name for v in vcns_of(model)]
-        missing = [v for v in vcns if v not in self.choices]
-        extra = [v for v in self.choices if v not in set(vcns)]
-        if missing or extra:
-            what = f"missing VCN '{missing[0]}'" if missing else f"unknown VCN '{extra[0]}'"
-            raise MtcError(f"policy does not match the supergraph: {what} ({len(vcns)} VCNs expected)", file=source)
-        for v, per in self.choices.items():
-            if sorted(per) != sorted(tasks):
-                raise MtcError(f"policy for VCN '{v}' names tasks {sorted(per)}, the supergraph has {sorted(tasks)}",
-                               file=source)
-            bad = [t for t, c in per.items() if c not in (0, 1, 2)]
-            if bad:
-                raise MtcError(f"policy for VCN '{v}', task '{bad[0]}': option {per[bad[0]]} is not 0, 1 or 2",
-                               file=source)

@@ -24,74 +24,26 @@ import torch
 from torch import nn
 
 from mtc.errors import MtcError
+from mtc.lower import mtc_ops as _mtc_ops  # noqa: F401  (registers the ai.mtc ops)
+from mtc.lower import ops as _ops  # noqa: F401  (registers the built-in ops)
+from mtc.lower.controls import Controls
 from mtc.lower.fusion import fuse
 from mtc.lower.registry import (
     BuildNode,
     Folded,
     InputInfo,
     OpSpec,
-    _ensure_loaded,
     lookup,
     normalize_domain,
     supported_ops,
 )
+from mtc.lower.tensors import to_numpy, to_torch, torch_dtype
+
+__all__ = ["GraphModule", "lower", "to_numpy", "to_torch", "torch_dtype"]
 
 #: How fused groups (mtc.lower.fusion) are treated: pure functions of their inputs (their builders
 #: come with the group, not from this spec).
 _FUSED = OpSpec("fused", "", 1, lambda node: node.folded())
-
-_IR_TO_TORCH: dict[ir.DataType, torch.dtype] = {
-    ir.DataType.FLOAT: torch.float32,
-    ir.DataType.DOUBLE: torch.float64,
-    ir.DataType.FLOAT16: torch.float16,
-    ir.DataType.BFLOAT16: torch.bfloat16,
-    ir.DataType.INT8: torch.int8,
-    ir.DataType.INT16: torch.int16,
-    ir.DataType.INT32: torch.int32,
-    ir.DataType.INT64: torch.int64,
-    ir.DataType.UINT8: torch.uint8,
-    ir.DataType.UINT16: torch.uint16,
-    ir.DataType.UINT32: torch.uint32,
-    ir.DataType.UINT64: torch.uint64,
-    ir.DataType.BOOL: torch.bool,
-    ir.DataType.COMPLEX64: torch.complex64,
-    ir.DataType.COMPLEX128: torch.complex128,
-}
-
-
-def torch_dtype(dtype: ir.DataType | int | None) -> torch.dtype | None:
-    """The torch dtype of an ONNX element type, ``None`` if torch has no equivalent."""
-    if dtype is None:
-        return None
-    return _IR_TO_TORCH.get(ir.DataType(dtype))
-
-
-def to_torch(value: Any) -> Any:
-    """A build-time value (numpy array, or list of them) as a fresh torch tensor."""
-    if isinstance(value, list | tuple):
-        return [to_torch(v) for v in value]
-    arr = np.asarray(value)
-    if arr.dtype == object:
-        raise TypeError(f"torch has no tensor type for {arr.dtype} values")
-    if arr.dtype.name == "bfloat16":  # ml_dtypes' bfloat16: same bits as torch's
-        return torch.from_numpy(np.array(arr.view(np.uint16), copy=True)).view(torch.bfloat16)
-    # np.array copies: initializer arrays may be read-only views of the model's buffers.
-    return torch.from_numpy(np.array(arr, copy=True))
-
-
-def to_numpy(value: Any) -> Any:
-    """A tensor (or list of them) as numpy, bfloat16 as ml_dtypes' bfloat16."""
-    if isinstance(value, torch.Tensor):
-        t = value.detach().cpu().resolve_conj()
-        if t.dtype == torch.bfloat16:
-            import ml_dtypes
-
-            return t.view(torch.uint16).numpy().view(ml_dtypes.bfloat16)
-        return t.numpy()
-    if isinstance(value, list | tuple):
-        return [to_numpy(v) for v in value]
-    return np.asarray(value)
-
 
 def _is_float(arr: Any) -> bool:
     return isinstance(arr, np.ndarray) and arr.dtype.kind == "f"
@@ -192,19 +144,35 @@ class GraphModule(nn.Module):
             and buffer that came from an initializer.
     """
 
-    def __init__(self, model: ir.Model, *, device: torch.device | str | None = None) -> None:
+    def __init__(self, model: ir.Model, *, device: torch.device | str | None = None,
+                 controls: Controls | None = None) -> None:
         super().__init__()
-        _ensure_loaded()
         if not isinstance(model, ir.Model):  # an onnx.ModelProto
             model = ir.from_proto(model)
-        self._model = model
+        #: what drives the ai.mtc choice kernels at run time (mtc.lower.controls)
+        self.controls: Controls = controls if controls is not None else Controls()
         self.input_names: list[str] = []
         self.output_names: list[str] = []
         self.initializer_names: dict[str, str] = {}
         self._node_labels: list[tuple[str, str]] = []
         self._build(model)
+        self._model = self._skeleton(model)
+        self.controls.bind(self)
         if device is not None:
             self.to(device)
+
+    def _skeleton(self, model: ir.Model) -> ir.Model:
+        """The graph without the arrays the module now holds as parameters and buffers.
+
+        Keeping the source model's weight arrays next to the torch tensors would double the
+        module's memory; :meth:`to_model` puts the current tensors back.
+        """
+        skel = model.clone()  # shares tensors with ``model``, which stays intact
+        held = set(self.initializer_names.values())
+        for name, v in skel.graph.initializers.items():
+            if name in held:
+                v.const_value = None
+        return skel
 
     # --- build ----------------------------------------------------------------------------------
 
@@ -307,13 +275,15 @@ class GraphModule(nn.Module):
             extra_slots: list[int] = []
             extra_tensors: list[torch.Tensor] = []
 
-            def add_param(pname: str, tensor: torch.Tensor, buffer: bool, persistent: bool,
+            def add_param(pname: str, tensor: torch.Tensor, buffer: bool, persistent: bool, ir_name: str | None,
                           _extra: list[int] = extra_slots, _tensors: list[torch.Tensor] = extra_tensors) -> str:
-                attr = self._unique_attr(pname)
+                attr = self._unique_attr(ir_name or pname)
                 if buffer:
                     self.register_buffer(attr, tensor, persistent=persistent)
                 else:
                     self.register_parameter(attr, nn.Parameter(tensor))
+                if ir_name is not None:
+                    self.initializer_names[attr] = ir_name
                 slot = new_slot()
                 _extra.append(slot)
                 _tensors.append(tensor)
@@ -494,6 +464,7 @@ class GraphModule(nn.Module):
             raise TypeError(
                 f"expected {len(self._input_slots)} inputs ({', '.join(self.input_names)}), got {len(inputs)}"
             )
+        self.controls.begin_step()
         env: list[Any] = [None] * self._n_slots
         for s, x in zip(self._input_slots, inputs, strict=True):
             env[s] = x
@@ -524,26 +495,64 @@ class GraphModule(nn.Module):
     # --- weights back to the graph --------------------------------------------------------------
 
     def named_initializers(self) -> dict[str, torch.Tensor]:
-        """Original initializer name -> the current parameter or buffer holding it."""
+        """IR name -> the current parameter or buffer holding it: every initializer that became
+        state, and every tensor a kernel added under an IR name (a ``CopyOf`` copy by its name)."""
         state: dict[str, torch.Tensor] = dict(self.named_parameters(recurse=False))
         state.update(self.named_buffers(recurse=False))
         return {orig: state[attr] for attr, orig in self.initializer_names.items()}
+
+    def ir_state(self) -> dict[str, torch.Tensor]:
+        """The module's state keyed by IR names (what checkpoints and export use)."""
+        return {k: v.detach() for k, v in self.named_initializers().items()}
+
+    def load_ir_state(self, state: dict[str, torch.Tensor], *, strict: bool = True,
+                      source: str | None = None) -> None:
+        """Load tensors keyed by IR names (see :meth:`ir_state`).
+
+        Raises:
+            MtcError: with ``strict``, a missing or unknown name; always, a shape mismatch (naming
+                the tensor and ``source``).
+        """
+        own = self.named_initializers()
+        if strict:
+            missing = sorted(set(own) - set(state))
+            extra = sorted(set(state) - set(own))
+            if missing or extra:
+                what = f"lacks '{missing[0]}'" if missing else f"has unknown '{extra[0]}'"
+                raise MtcError(f"the weights do not fit the network: they {what} "
+                               f"({len(missing)} missing, {len(extra)} unknown)", file=source)
+        with torch.no_grad():
+            for k, v in state.items():
+                t = own.get(k)
+                if t is None:
+                    continue
+                if tuple(t.shape) != tuple(v.shape):
+                    raise MtcError(f"the weights do not fit the network: '{k}' has shape {tuple(v.shape)}, "
+                                   f"expected {tuple(t.shape)}", file=source)
+                t.copy_(v.to(t.dtype))
 
     def to_model(self) -> ir.Model:
         """A copy of the source model with the current weights and statistics as initializers."""
         model = self._model.clone()
         inits = model.graph.initializers
         for name, tensor in self.named_initializers().items():
-            old = inits[name]
+            old = inits.get(name)
+            if old is None:
+                continue  # a kernel's own tensor (a CopyOf copy): not an initializer of the graph
             arr = to_numpy(tensor)
-            if old.const_value is not None:
-                arr = arr.astype(old.const_value.dtype.numpy(), copy=False)
+            if old.dtype is not None and old.dtype.numpy() != arr.dtype:
+                arr = arr.astype(old.dtype.numpy(), copy=False)
             old.const_value = ir.Tensor(arr, name=name)
         return model
 
+    def step_names(self) -> list[str]:
+        """Names of the nodes executed per step, in execution order."""
+        return [name for name, _ in self._node_labels]
+
     @property
     def model(self) -> ir.Model:
-        """The model the module was built from (not updated by training; see :meth:`to_model`)."""
+        """The graph the module was built from, without the weight arrays it holds (its structure,
+        shapes and constants; :meth:`to_model` gives a model with the current weights)."""
         return self._model
 
     @property
@@ -559,7 +568,7 @@ class GraphModule(nn.Module):
 
     # Kernels close over this module (for `training`), so copies are rebuilt rather than deep-copied.
     def __deepcopy__(self, memo: dict[int, Any]) -> GraphModule:
-        new = type(self)(self.to_model())
+        new = type(self)(self.to_model(), controls=copy.copy(self.controls))
         new.load_state_dict(copy.deepcopy(self.state_dict(), memo))
         for name, p in self.named_parameters(recurse=False):
             getattr(new, name).requires_grad_(p.requires_grad)
@@ -582,11 +591,12 @@ def _restore(proto: bytes, state: dict[str, torch.Tensor], training: bool) -> Gr
     return module
 
 
-def lower(model: ir.Model, *, device: torch.device | str | None = None) -> GraphModule:
+def lower(model: ir.Model, *, device: torch.device | str | None = None,
+          controls: Controls | None = None) -> GraphModule:
     """Lower ``model`` to an executable, trainable :class:`GraphModule`.
 
     Raises:
         MtcError: an op the registry lacks (naming the node, op, origin and the supported ops), or a
             node the registry cannot lower with its attributes.
     """
-    return GraphModule(model, device=device)
+    return GraphModule(model, device=device, controls=controls)

@@ -19,13 +19,13 @@ import torch
 import torch.nn.functional as F
 
 from mtc.lower.registry import BuildNode, Kernel, as_ints, register_op
+from mtc.lower.registry import operands as _operands
+from mtc.lower.tensors import torch_dtype
 
 # --- helpers ----------------------------------------------------------------------------------------
 
 
 def _onnx_dtype(code: int) -> torch.dtype:
-    from mtc.lower.module import torch_dtype
-
     dt = torch_dtype(ir.DataType(code))
     if dt is None:
         raise TypeError(f"ONNX element type {ir.DataType(code).name} has no torch equivalent")
@@ -34,42 +34,6 @@ def _onnx_dtype(code: int) -> torch.dtype:
 
 def _axis(axis: int, rank: int) -> int:
     return axis + rank if axis < 0 else axis
-
-
-def _operands(node: BuildNode, idxs: Sequence[int], make: Callable[..., Kernel]) -> Kernel:
-    """A kernel parameterised by attribute-like inputs (axes, pads, sizes) that follow the data inputs.
-
-    ``make(*values, runtime=...)`` gets the operand values (numpy arrays, ``None`` when omitted) and
-    returns a kernel of the data inputs. When every operand is known at build time ``make`` runs
-    once, now; otherwise the kernel reads the operands each call and caches ``make`` by their value.
-    """
-    static: dict[int, Any] = {}
-    dyn: list[int] = []
-    for i in idxs:
-        if not node.has_input(i):
-            static[i] = None
-        elif node.is_const(i):
-            static[i] = node.const(i)
-        else:
-            dyn.append(i)
-    if not dyn:
-        return make(*[static[i] for i in idxs], runtime=False)
-    n_data = len([i for i in node.runtime_inputs() if i not in dyn])
-    cache: dict[tuple[Any, ...], Kernel] = {}
-
-    def kernel(*args: Any) -> Any:
-        vals = dict(static)
-        key = []
-        for i, t in zip(dyn, args[n_data:], strict=True):
-            arr = t.detach().cpu().numpy()
-            vals[i] = arr
-            key.append((arr.dtype.str, arr.shape, arr.tobytes()))
-        fn = cache.get(tuple(key))
-        if fn is None:
-            fn = cache[tuple(key)] = make(*[vals[i] for i in idxs], runtime=True)
-        return fn(*args[:n_data])
-
-    return kernel
 
 
 def _attr_or_input(node: BuildNode, name: str, index: int, make: Callable[..., Kernel]) -> Kernel:

@@ -102,7 +102,6 @@ def register_op(
 
 def lookup(op_type: str, domain: str = "", version: int | None = None) -> OpSpec | None:
     """The spec for ``op_type`` at opset ``version`` of ``domain`` (the newest when ``None``)."""
-    _ensure_loaded()
     specs = _REGISTRY.get((normalize_domain(domain), op_type))
     if not specs:
         return None
@@ -120,17 +119,10 @@ def supported_ops(domain: str | None = None) -> list[str]:
     Args:
         domain: only this domain's ops (bare op types) when given.
     """
-    _ensure_loaded()
     if domain is not None:
         dom = normalize_domain(domain)
         return sorted(op for (d, op) in _REGISTRY if d == dom)
     return sorted(op if not d else f"{d}::{op}" for (d, op) in _REGISTRY)
-
-
-def _ensure_loaded() -> None:
-    # The built-in ops register themselves on import.
-    import mtc.lower.ops  # noqa: F401
-    import mtc.lower.supergraph  # noqa: F401  (the ai.mtc ops)
 
 
 @dataclass(frozen=True)
@@ -281,17 +273,19 @@ class BuildNode:
 
     # --- module state -------------------------------------------------------------------------
 
-    def add_parameter(self, name: str, tensor: torch.Tensor, *, buffer: bool = False, persistent: bool = True) -> str:
+    def add_parameter(self, name: str, tensor: torch.Tensor, *, buffer: bool = False, persistent: bool = True,
+                      ir_name: str | None = None) -> str:
         """Register a new parameter (or buffer) on the module for this node.
 
         The tensor is appended to the kernel's arguments (after the node's inputs), so kernels stay
-        pure functions of their arguments and follow the module across devices.
+        pure functions of their arguments and follow the module across devices. ``ir_name`` makes
+        it addressable like an initializer (``named_initializers``, checkpoints, export).
 
         Returns:
             the attribute name it got on the module.
         """
         assert self._add_param is not None
-        attr = self._add_param(f"{self.name}.{name}", tensor, buffer, persistent)
+        attr = self._add_param(f"{self.name}.{name}", tensor, buffer, persistent, ir_name)
         self.extra_params.append(attr)
         return attr
 
@@ -311,3 +305,39 @@ def as_ints(values: Sequence[Any] | np.ndarray | None) -> list[int] | None:
     if values is None:
         return None
     return [int(v) for v in np.asarray(values).reshape(-1).tolist()]
+
+
+def operands(node: BuildNode, idxs: Sequence[int], make: Callable[..., Kernel]) -> Kernel:
+    """A kernel parameterised by attribute-like inputs (axes, pads, sizes) that follow the data inputs.
+
+    ``make(*values, runtime=...)`` gets the operand values (numpy arrays, ``None`` when omitted) and
+    returns a kernel of the data inputs. When every operand is known at build time ``make`` runs
+    once, now; otherwise the kernel reads the operands each call and caches ``make`` by their value.
+    """
+    static: dict[int, Any] = {}
+    dyn: list[int] = []
+    for i in idxs:
+        if not node.has_input(i):
+            static[i] = None
+        elif node.is_const(i):
+            static[i] = node.const(i)
+        else:
+            dyn.append(i)
+    if not dyn:
+        return make(*[static[i] for i in idxs], runtime=False)
+    n_data = len([i for i in node.runtime_inputs() if i not in dyn])
+    cache: dict[tuple[Any, ...], Kernel] = {}
+
+    def kernel(*args: Any) -> Any:
+        vals = dict(static)
+        key = []
+        for i, t in zip(dyn, args[n_data:], strict=True):
+            arr = t.detach().cpu().numpy()
+            vals[i] = arr
+            key.append((arr.dtype.str, arr.shape, arr.tobytes()))
+        fn = cache.get(tuple(key))
+        if fn is None:
+            fn = cache[tuple(key)] = make(*[vals[i] for i in idxs], runtime=True)
+        return fn(*args[:n_data])
+
+    return kernel

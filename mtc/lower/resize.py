@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mtc.lower.registry import BuildNode, Kernel, as_ints
+from mtc.lower.registry import BuildNode, Kernel, as_ints, operands
 
 
 def _str(v: Any, default: str) -> str:
@@ -313,9 +313,7 @@ def build_resize(node: BuildNode, *, upsample: bool = False) -> Kernel:
             return _make_kernel(node, a, None, vals[0], None, runtime=runtime)
         return _make_kernel(node, a, vals[0], vals[1], vals[2], runtime=runtime)
 
-    from mtc.lower.ops import _operands
-
-    return _operands(node, idxs, make)
+    return operands(node, idxs, make)
 
 
 def _make_kernel(node: BuildNode, a: _Attrs, roi_v: Any, scales_v: Any, sizes_v: Any, *, runtime: bool) -> Kernel:

@@ -11,12 +11,12 @@ from mtc.errors import MtcError
 from mtc.ir.names import node_error
 from mtc.ir.opset import opset_of
 from mtc.ir.shapes import dims, format_shape
-from mtc.ir.supergraph import FEATURE_KEY, TASKS_KEY, tasks_json, tasks_of
+from mtc.ir.supergraph import FEATURE_KEY, TASKS_KEY, tasks_json
 from mtc.passes.base import Pass, PassResult
 from mtc.passes.manager import register_pass
 from mtc.tasks.heads import DEFAULT_RATES, DEFAULT_WIDTH, TASK_KEY, build_head, head_prefix
 from mtc.tasks.kinds import get_kind
-from mtc.tasks.spec import TaskSpec, format_tasks, parse_tasks
+from mtc.tasks.spec import TaskSpec, format_tasks, parse_tasks, tasks_of
 
 __all__ = ["TASKS_KEY", "AttachHeads", "tasks_json", "tasks_of"]
 

@@ -15,9 +15,9 @@ from mtc.passes.base import Pass
 
 #: name -> factory taking the pass's keyword options. Passes register here as they are written.
 REGISTRY: dict[str, Callable[..., Pass]] = {}
-#: modules whose import registers passes
-PASS_MODULES = ("mtc.passes.fold", "mtc.passes.canonicalize", "mtc.passes.feature", "mtc.passes.heads", "mtc.passes.vcn",
-                "mtc.passes.specialize")
+#: modules whose import registers passes (spaces register theirs when :mod:`mtc.spaces` loads them)
+PASS_MODULES = ("mtc.passes.fold", "mtc.passes.canonicalize", "mtc.passes.feature", "mtc.passes.heads",
+                "mtc.passes.choices", "mtc.passes.specialize", "mtc.passes.search_form")
 
 
 def _load_all() -> None:

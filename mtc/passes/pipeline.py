@@ -1,35 +1,32 @@
-"""The compile pipeline: backbone + tasks -> supergraph."""
+"""The generic part of the compile pipeline: backbone -> backbone with one head per task.
+
+A space's passes follow (``mtc.spaces.compile_supergraph``); without them the result is the plain
+multi-task network every task shares completely (the hard-shared baseline).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import onnx_ir as ir
 
 from mtc.passes.manager import PassManager, PipelineResult, resolve
 
-DEFAULT_PIPELINE = ("canonicalize", "cut-at-feature", "attach-heads", "vcn")
+GENERIC_PIPELINE = ("canonicalize", "cut-at-feature", "attach-heads")
 
 
-def compile_supergraph(
-    model: ir.Model,
-    *,
-    tasks: str | Sequence[Any],
-    feature: str | None = None,
-    head_width: int = 256,
-    per_task_norm: bool = False,
-    seed: int = 0,
-    passes: str | Sequence[str] = DEFAULT_PIPELINE,
-    dump_dir: str | Path | None = None,
-    dump_after: Sequence[str] = (),
-) -> PipelineResult:
-    """Run the compile pipeline on an imported backbone (in place) and return the pass records."""
-    options: dict[str, dict[str, Any]] = {
+def prepare_options(*, tasks: str | Sequence[Any], feature: str | None = None, head_width: int = 256,
+                    seed: int = 0) -> dict[str, dict[str, Any]]:
+    """The options of the generic passes, keyed by pass name (for :func:`resolve`)."""
+    return {
         "cut-at-feature": {"feature": feature},
         "attach-heads": {"tasks": tasks, "width": head_width, "seed": seed},
-        "vcn": {"per_task_norm": per_task_norm, "seed": seed},
     }
-    pm = PassManager(resolve(passes, options), dump_dir=dump_dir, dump_after=dump_after)
-    return pm.run(model)
+
+
+def prepare_multitask(model: ir.Model, *, tasks: str | Sequence[Any], feature: str | None = None,
+                      head_width: int = 256, seed: int = 0) -> PipelineResult:
+    """Canonicalise ``model``, cut it at its feature and attach one head per task (in place)."""
+    opts = prepare_options(tasks=tasks, feature=feature, head_width=head_width, seed=seed)
+    return PassManager(resolve(list(GENERIC_PIPELINE), opts)).run(model)

@@ -26,8 +26,8 @@ _EXPORTS = {
     "build_head": "heads",
     "head_prefix": "heads",
     "TASK_KEY": "heads",
-    "collate_targets": "losses",
-    "collate_batch": "losses",
+    "collate_targets": "batch",
+    "collate_batch": "batch",
     "Metric": "metrics",
 }
 

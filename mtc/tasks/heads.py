@@ -38,14 +38,13 @@ import numpy as np
 import onnx_ir as ir
 
 from mtc.errors import MtcError
-from mtc.ir.names import ORIGIN_KEY
+from mtc.ir.names import ORIGIN_KEY, TASK_KEY
+from mtc.ir.names import head_prefix as _head_prefix
 from mtc.tasks.kinds import get_kind
 from mtc.tasks.spec import TaskSpec
 
 __all__ = ["DEFAULT_RATES", "DEFAULT_WIDTH", "TASK_KEY", "build_head", "head_prefix"]
 
-#: ``metadata_props`` key naming the task a node belongs to.
-TASK_KEY = "mtc.task"
 #: DeepLabv3's ASPP width; AutoMTL used 1024 (with dropout 0.5).
 DEFAULT_WIDTH = 256
 DEFAULT_RATES = (6, 12, 18, 24)
@@ -53,7 +52,7 @@ DEFAULT_RATES = (6, 12, 18, 24)
 
 def head_prefix(task: TaskSpec | str) -> str:
     """``head@{task}``: the prefix of the head's node and initializer names, and its origin."""
-    return f"head@{task.name if isinstance(task, TaskSpec) else task}"
+    return _head_prefix(task.name if isinstance(task, TaskSpec) else task)
 
 
 def _rng(seed: int, name: str) -> np.random.Generator:

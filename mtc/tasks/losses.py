@@ -1,4 +1,4 @@
-"""Task losses that skip missing labels, and collation of targets with missing samples.
+"""Task losses that skip missing labels (collation of targets is :mod:`mtc.tasks.batch`).
 
 Every ``*_loss_terms`` function returns ``(sum of per-element losses over valid elements, number of
 valid elements)``; :meth:`mtc.tasks.kinds.TaskKind.loss` divides them. Keeping the two apart lets
@@ -12,20 +12,13 @@ combined with the kind's own missing-label rule.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
-if TYPE_CHECKING:
-    from mtc.tasks.kinds import TaskKind
-    from mtc.tasks.spec import TaskSpec
-
 __all__ = [
     "class_loss_terms",
-    "collate_batch",
-    "collate_targets",
     "l1_loss_terms",
     "mse_loss_terms",
     "normal_loss_terms",
@@ -139,46 +132,3 @@ def class_loss_terms(pred: torch.Tensor, target: torch.Tensor, *, mask: torch.Te
     valid = apply_mask(target >= 0, mask)
     per = F.cross_entropy(pred, torch.where(valid, target, 0), reduction="none")
     return torch.where(valid, per, 0.0).sum(), _count(valid)
-
-
-# --- collation ---------------------------------------------------------------------------------
-
-
-def collate_targets(targets: Sequence[Any], kind: TaskKind) -> torch.Tensor | None:
-    """Stack per-sample targets, filling samples without one (``None``) with missing values.
-
-    Args:
-        targets: one target per sample (tensor, array or number), or None.
-        kind: the task's kind (decides the missing value and the dtype).
-
-    Returns:
-        The batch of targets, or None when no sample has a target.
-    """
-    present = [torch.as_tensor(t) for t in targets if t is not None]
-    if not present:
-        return None
-    shape = present[0].shape
-    for t in present:
-        if t.shape != shape:
-            raise ValueError(f"targets of one batch differ in shape: {tuple(shape)} and {tuple(t.shape)}")
-    dtype = torch.long if kind.integer_targets else torch.float32
-    filler = kind.missing_target(shape).to(dtype)
-    out = [filler if t is None else torch.as_tensor(t).to(dtype) for t in targets]
-    return torch.stack(out)
-
-
-def collate_batch(
-    samples: Sequence[tuple[Any, Mapping[str, Any]]], tasks: Sequence[TaskSpec]
-) -> tuple[torch.Tensor, dict[str, torch.Tensor | None]]:
-    """Collate ``(image, {task: target})`` samples; a task absent from a sample is missing there.
-
-    Returns:
-        Stacked images and, per task name, the collated targets (None if no sample has one).
-    """
-    from mtc.tasks.kinds import get_kind
-
-    images = torch.stack([torch.as_tensor(img) for img, _ in samples])
-    out: dict[str, torch.Tensor | None] = {}
-    for t in tasks:
-        out[t.name] = collate_targets([tg.get(t.name) for _, tg in samples], get_kind(t.kind))
-    return images, out

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -32,8 +32,14 @@ import torch.nn.functional as F
 
 from mtc.tasks.losses import apply_mask, match_target
 
-if TYPE_CHECKING:
-    from mtc.tasks.kinds import TaskKind
+
+class _Kind(Protocol):
+    """What the loss metric needs of a task kind (:class:`mtc.tasks.kinds.TaskKind`)."""
+
+    @property
+    def name(self) -> str: ...
+
+    def loss_terms(self, pred: Any, target: Any, *, mask: Any = None) -> tuple[Any, Any]: ...
 
 __all__ = [
     "AccuracyMetric",
@@ -377,7 +383,7 @@ class LossMetric(_SumMetric):
     names = ("loss",)
     fields = ("n", "total")
 
-    def __init__(self, kind: TaskKind) -> None:
+    def __init__(self, kind: _Kind) -> None:
         self.kind = kind
         super().__init__()
 

@@ -16,11 +16,12 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from mtc.errors import MtcError
 from mtc.tasks.kinds import KINDS, kind_names
 
-__all__ = ["MAX_CHANNELS", "TaskSpec", "format_tasks", "parse_tasks"]
+__all__ = ["MAX_CHANNELS", "TaskSpec", "format_tasks", "parse_tasks", "set_tasks", "tasks_of"]
 
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _DIGITS = re.compile(r"[0-9]+")
@@ -139,3 +140,17 @@ def format_tasks(tasks: Iterable[TaskSpec]) -> str:
         else:
             out.append(f"{t.name}:{t.kind}" if default else f"{t.name}:{t.kind}:{t.channels}")
     return ",".join(out)
+
+
+def tasks_of(model: Any) -> list[TaskSpec] | None:
+    """The tasks recorded in a model's ``mtc.tasks`` metadata, in order, or None if there are none."""
+    from mtc.ir.supergraph import task_records
+
+    recs = task_records(model)
+    return None if recs is None else [TaskSpec(d["name"], d["kind"], d["channels"]) for d in recs]
+
+
+def set_tasks(model: Any, tasks: Iterable[TaskSpec]) -> None:
+    from mtc.ir.supergraph import TASKS_KEY, tasks_json
+
+    model.metadata_props[TASKS_KEY] = tasks_json(list(tasks))

@@ -14,8 +14,8 @@ import numpy as np
 import torch
 
 from mtc.errors import MtcError
+from mtc.tasks.batch import collate_batch
 from mtc.tasks.kinds import get_kind
-from mtc.tasks.losses import collate_batch
 from mtc.tasks.spec import TaskSpec
 
 
@@ -53,14 +53,14 @@ def task_losses(outputs: Sequence[torch.Tensor], targets: dict[str, torch.Tensor
     return {t.name: get_kind(t.kind).loss(out, targets.get(t.name)) for t, out in zip(tasks, outputs, strict=True)}
 
 
-def check_finite(losses: dict[str, torch.Tensor], stage: str, step: int) -> None:
+def check_finite(losses: dict[str, torch.Tensor], stage: str, step: int, *, resumable: bool = True) -> None:
     """A NaN or Inf loss stops the run, naming the task and iteration."""
     for name, v in losses.items():
         if not torch.isfinite(v.detach()).all():
-            raise MtcError(
-                f"loss of task '{name}' is {float(v.detach())} at {stage} iteration {step}: stopping; the last "
-                "good checkpoint is kept (lower the learning rate, check the data, then --resume)"
-            )
+            advice = ("the last good checkpoint is kept (lower the learning rate, check the data, then --resume)"
+                      if resumable else "no checkpoint was written yet (lower the learning rate or check the data)")
+            raise MtcError(f"loss of task '{name}' is {float(v.detach())} at {stage} iteration {step}: stopping; "
+                           + advice)
 
 
 @torch.no_grad()

@@ -1,17 +1,22 @@
-"""AutoMTL stage 3 (post-train): train the derived multi-task model with its policy fixed."""
+"""``mtc train`` (AutoMTL's stage 3, any space's post-train): train a plan's network, then evaluate."""
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Any
 
+import onnx_ir as ir
 import torch
 
-from mtc.ir import supergraph as sg
-from mtc.lower.supergraph import lower_supergraph
-from mtc.train.loop import Batcher, check_finite, count_parameters, evaluate, step_seed, task_losses
-from mtc.train.loop import autocast_forward as _forward
+from mtc.ir.plan import Plan
+from mtc.lower.module import GraphModule, lower
+from mtc.spaces import OptimizerSpec, Stage, Update, bind_plan
+from mtc.tasks.spec import tasks_of
+from mtc.train.loop import count_parameters, evaluate
+from mtc.train.run import RunDir
+from mtc.train.trainer import Stopped, TrainConfig, Trainer
+
+TRAIN = "train"
 
 
 @dataclass
@@ -29,70 +34,54 @@ class TrainOptions:
     amp: bool = False  # bfloat16 autocast on CUDA
 
 
-def run_train(run: Any, model: Any, policy: sg.Policy, train: Any, val: Any, opts: TrainOptions, *,
-              device: str = "cpu", resume: bool = False, progress: bool = True,
-              stop_after: int | None = None, searched_state: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
-    """Train the policy's network from the supergraph's initial weights (or the searched ones).
+def plan_module(model: ir.Model, plan: Plan, *, device: str = "cpu") -> GraphModule:
+    """The network of ``plan`` (the specialised form, lowered)."""
+    return lower(bind_plan(model, plan), device=device)
 
-    Returns the ``metrics.json`` content: per-task validation metrics and the parameter count.
+
+def train_module(run: RunDir, module: GraphModule, tasks: list[Any], train: Any, val: Any, opts: TrainOptions, *,
+                 device: str = "cpu", resume: bool = False, progress: bool = True,
+                 stop_after: int | None = None) -> dict[str, Any]:
+    """Train ``module`` for ``opts.steps`` (checkpoint ``train``) and evaluate every task on ``val``.
+
+    Returns:
+        the ``metrics.json`` content: per-task validation metrics and the parameter count.
     """
-    amp = opts.amp
-    tasks = sg.tasks_of(model) or []
-    weights = {t.name: (opts.task_weights or {}).get(t.name, 1.0) for t in tasks}
-    module = lower_supergraph(model, mode="fixed", policy=policy, device=device)
-    if opts.keep_weights and searched_state is not None:
-        # Parameters keep their names across modes: start from what the search trained.
-        own = module.state_dict()
-        module.load_state_dict({k: v for k, v in searched_state.items() if k in own and own[k].shape == v.shape},
-                               strict=False)
-    opt = torch.optim.Adam(module.parameters(), lr=opts.lr)
-    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=opts.lr_decay_every, gamma=opts.lr_decay)
-    batches = Batcher(train, tasks, opts.batch_size, opts.seed, "train")
-    step = 0
-    if resume and run.has_checkpoint("train"):
-        state = run.load_checkpoint("train")
-        module.load_state_dict(state["module"])
-        opt.load_state_dict(state["opt"])
-        sched.load_state_dict(state["sched"])
-        step = int(state["step"])
-        run.truncate_log("train", step)
-
-    def checkpoint() -> None:
-        run.save_checkpoint("train", {"module": module.state_dict(), "opt": opt.state_dict(),
-                                      "sched": sched.state_dict(), "step": step})
-
-    from mtc.search.automtl import _progress
-
-    bar = _progress(progress, opts.steps, step)
-    t0 = time.perf_counter()
-    module.train()
-    while step < opts.steps:
-        if stop_after is not None and step >= stop_after:
-            if bar is not None:
-                bar.stop()
-            return {}
-        torch.manual_seed(step_seed(opts.seed, "train", step))
-        images, targets = batches.batch(step, device)
-        losses = task_losses(_forward(module, images, amp), targets, tasks)
-        check_finite(losses, "train", step)
-        loss = torch.stack([weights[k] * v for k, v in losses.items()]).sum()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        loss_values = {k: float(v.detach()) for k, v in losses.items()}
-        record: dict[str, Any] = {"stage": "train", "step": step, "loss": loss_values}
-        step += 1
-        if (step - 1) % opts.log_every == 0 or step == opts.steps:
-            record["elapsed_s"] = round(time.perf_counter() - t0, 3)
-            run.log(record)
-        if bar is not None:
-            bar.update(step, "train", loss_values)
-        if step % opts.checkpoint_every == 0 or step == opts.steps:
-            checkpoint()
-    if bar is not None:
-        bar.stop()
+    weights = {k: p for k, p in module.named_initializers().items() if isinstance(p, torch.nn.Parameter)}
+    cfg = TrainConfig(batch_size=opts.batch_size, checkpoint_every=opts.checkpoint_every, log_every=opts.log_every,
+                      seed=opts.seed, amp=opts.amp, task_weights=opts.task_weights)
+    trainer = Trainer(run, module, tasks,
+                      optimizers=[OptimizerSpec("weights", weights, opts.lr, decay=opts.lr_decay,
+                                                decay_every=opts.lr_decay_every)],
+                      streams={TRAIN: train}, stages=[Stage(TRAIN, opts.steps, [Update(TRAIN, ("weights",))])],
+                      config=cfg, name=TRAIN, device=device, progress=progress)
+    trainer.run(resume=resume, stop_after=stop_after)
     scores = evaluate(module, val, tasks, device=device)
-    result = {"tasks": scores, "params": count_parameters(module), "policy": policy.to_json()}
-    run.log({"stage": "train-end", "step": opts.steps, "val": scores})
+    run.log({"stage": f"{TRAIN}-end", "step": opts.steps, "val": scores})
+    return {"tasks": scores, "params": count_parameters(module)}
+
+
+def run_train(run: RunDir, model: ir.Model, plan: Any, train: Any, val: Any, opts: TrainOptions, *,
+              device: str = "cpu", resume: bool = False, progress: bool = True, stop_after: int | None = None,
+              searched_state: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
+    """Train the plan's network from the supergraph's initial weights (or the searched ones).
+
+    Args:
+        plan: a :class:`Plan` or a space's view of one (``to_plan()``).
+        searched_state: with ``opts.keep_weights``, start from these tensors (by IR name) where
+            they fit: weights keep their names across the search and the plan's network.
+    """
+    p: Plan = plan.to_plan() if hasattr(plan, "to_plan") else plan
+    tasks = tasks_of(model) or []
+    module = plan_module(model, p, device=device)
+    if opts.keep_weights and searched_state is not None:
+        own = module.named_initializers()
+        module.load_ir_state({k: v for k, v in searched_state.items() if k in own and own[k].shape == v.shape},
+                             strict=False)
+    try:
+        result = train_module(run, module, tasks, train, val, opts, device=device, resume=resume,
+                              progress=progress, stop_after=stop_after)
+    except Stopped:
+        return {}  # a simulated kill: nothing more is written
+    result["plan"] = p.to_json()
     return result

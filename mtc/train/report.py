@@ -17,7 +17,7 @@ def _kinds(run: RunDir) -> dict[str, str]:
 
     for cand in (run.file("super.mtc.onnx"), run.path / "multi" / "super.mtc.onnx"):
         if cand.exists():
-            return {t.name: t.kind for t in sg.tasks_of(io.load(cand)) or []}
+            return {d["name"]: d["kind"] for d in sg.task_records(io.load(cand)) or []}
     raise MtcError("cannot tell the task kinds (no super.mtc.onnx)", file=str(run.path))
 
 

@@ -1,4 +1,10 @@
-"""Run directories: config, supergraph, checkpoints (atomic), JSON-lines metrics."""
+"""Run directories: config, supergraph, plan, checkpoints (atomic, safetensors), JSON-lines metrics.
+
+A checkpoint is one ``checkpoints/NAME.safetensors`` file: tensors keyed ``module/<IR name>`` (the
+module's weights and statistics), ``optim/<optimizer>/<IR name>/<slot>`` (optimiser state), and
+everything else as JSON in the file's metadata (``mtc``: step, optimiser hyper-parameters, schedulers,
+the strategy's controls). Reading one never unpickles: a file that is not safetensors is refused.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +13,7 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +25,11 @@ from mtc.ir.io import atomic_write
 CONFIG = "config.json"
 SUPERGRAPH = "super.mtc.onnx"
 METRICS = "metrics.jsonl"
+PLAN = "plan.json"
+CHECKPOINT_SUFFIX = ".safetensors"
+#: The metadata key of a checkpoint's JSON part, and the format it declares.
+META_KEY = "mtc"
+CHECKPOINT_FORMAT = "mtc.checkpoint/1"
 
 
 def file_digest(path: str | os.PathLike[str]) -> str:
@@ -28,20 +40,78 @@ def file_digest(path: str | os.PathLike[str]) -> str:
     return h.hexdigest()
 
 
-def read_checkpoint(path: str | os.PathLike[str]) -> Any:
-    """``torch.load`` a checkpoint file onto the CPU (whatever it holds).
+def write_tensors(path: str | os.PathLike[str], tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
+    """Write tensors and JSON metadata to a safetensors file atomically (a crash keeps the old file)."""
+    from safetensors.torch import save_file
+
+    dst = Path(path)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", dir=dst.parent)
+    os.close(fd)
+    try:
+        # Own storage per tensor: safetensors refuses tensors that share memory (views, ties).
+        flat = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
+        save_file(flat, tmp, metadata={META_KEY: json.dumps({"format": CHECKPOINT_FORMAT, **meta})})
+        _set_umask_mode(tmp)
+        os.replace(tmp, dst)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return dst
+
+
+def _set_umask_mode(path: str) -> None:
+    # mkstemp creates files 0600; a checkpoint should get the permissions any new file gets.
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+
+
+def read_tensors(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The tensors and JSON metadata of a safetensors file, on the CPU.
 
     Raises:
-        MtcError: the file is missing or cannot be unpickled (corrupt, truncated, not torch).
+        MtcError: the file is missing, is not a safetensors file (a pickle, say: it is never
+            unpickled), is truncated, or its metadata is not mtc's.
     """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
     p = Path(path)
     if not p.is_file():
         raise MtcError("no such checkpoint file", file=str(p))
     try:
-        return torch.load(p, map_location="cpu", weights_only=False)
-    except Exception as e:
-        raise MtcError(f"corrupt checkpoint ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})",
-                       file=str(p)) from None
+        with open(p, "rb") as f:
+            head = f.read(8)
+        if len(head) < 8 or int.from_bytes(head, "little") > p.stat().st_size:
+            raise ValueError("not a safetensors file")
+        from safetensors import safe_open
+
+        with safe_open(str(p), framework="pt") as f:
+            meta_raw = (f.metadata() or {}).get(META_KEY)
+        tensors = load_file(str(p), device="cpu")
+    except (SafetensorError, ValueError, OSError, RuntimeError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise MtcError(f"corrupt checkpoint, or not an mtc checkpoint or weights file (safetensors expected; "
+                       f"{first})", file=str(p)) from None
+    meta: dict[str, Any] = {}
+    if meta_raw is not None:
+        try:
+            meta = json.loads(meta_raw)
+        except json.JSONDecodeError:
+            raise MtcError("corrupt checkpoint: its metadata is not JSON", file=str(p)) from None
+        if not isinstance(meta, dict):
+            raise MtcError("corrupt checkpoint: its metadata is not a JSON object", file=str(p))
+    return tensors, meta
+
+
+def module_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The module's tensors (by IR name) of a checkpoint, or all tensors of a plain weights file."""
+    prefix = "module/"
+    if any(k.startswith(prefix) for k in tensors):
+        return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    return dict(tensors)
 
 
 class RunDir:
@@ -67,11 +137,14 @@ class RunDir:
             raise MtcError(f"{name} not found: is this an mtc run directory?", file=str(self.path))
         try:
             return json.loads(p.read_text())
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise MtcError(f"corrupt {name}: {e}", file=str(p)) from None
 
     def config(self) -> dict[str, Any]:
-        return dict(self.read_json(CONFIG))
+        cfg = self.read_json(CONFIG)
+        if not isinstance(cfg, dict):
+            raise MtcError(f"corrupt {CONFIG}: not a JSON object", file=str(self.file(CONFIG)))
+        return dict(cfg)
 
     # --- metrics ------------------------------------------------------------------------------
     def log(self, record: dict[str, Any]) -> None:
@@ -79,50 +152,53 @@ class RunDir:
         with open(self.file(METRICS), "a") as f:
             f.write(json.dumps(record, sort_keys=True) + "\n")
 
-    def truncate_log(self, stage: str, step: int) -> None:
-        """Drop log lines written after a checkpoint, so a resumed run's log has no duplicates."""
+    def records(self) -> list[dict[str, Any]]:
+        """The metrics log, without lines a kill cut short."""
+        p = self.file(METRICS)
+        if not p.exists():
+            return []
+        out = []
+        for line in p.read_text(errors="replace").splitlines():
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(r, dict):
+                out.append(r)
+        return out
+
+    def truncate_log(self, keep: Callable[[dict[str, Any]], bool]) -> None:
+        """Keep only the log records ``keep`` accepts (a resumed run drops what it will redo)."""
         p = self.file(METRICS)
         if not p.exists():
             return
-        order = {"pretrain": 0, "policy": 1, "train": 2}
-        keep = []
-        for line in p.read_text().splitlines():
+        lines = []
+        for line in p.read_text(errors="replace").splitlines():
             try:
                 r = json.loads(line)
             except json.JSONDecodeError:
                 continue  # a line cut by a kill
-            if r.get("stage") not in order or (order[r["stage"]], r.get("step", 0)) <= (order[stage], step):
-                keep.append(line)
+            if not isinstance(r, dict) or keep(r):
+                lines.append(line)
         with atomic_write(p) as f:
-            f.write("".join(k + "\n" for k in keep))
+            f.write("".join(k + "\n" for k in lines))
 
     # --- checkpoints --------------------------------------------------------------------------
     def checkpoint_path(self, name: str) -> Path:
-        return self.path / "checkpoints" / f"{name}.pt"
+        return self.path / "checkpoints" / f"{name}{CHECKPOINT_SUFFIX}"
 
-    def save_checkpoint(self, name: str, state: dict[str, Any]) -> Path:
-        """Write ``checkpoints/NAME.pt`` atomically: a crash mid-write keeps the previous one."""
-        dst = self.checkpoint_path(name)
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=dst.parent)
-        os.close(fd)
-        try:
-            torch.save(state, tmp)
-            os.replace(tmp, dst)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
-        return dst
+    def save_checkpoint(self, name: str, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
+        """Write ``checkpoints/NAME.safetensors`` atomically: a crash mid-write keeps the previous one."""
+        return write_tensors(self.checkpoint_path(name), tensors, meta)
 
     def has_checkpoint(self, name: str) -> bool:
         return self.checkpoint_path(name).exists()
 
-    def load_checkpoint(self, name: str) -> dict[str, Any]:
+    def load_checkpoint(self, name: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         p = self.checkpoint_path(name)
         if not p.exists():
             raise MtcError(f"no checkpoint '{name}' in the run directory", file=str(self.path))
-        state = read_checkpoint(p)
-        if not isinstance(state, dict) or "module" not in state:
+        tensors, meta = read_tensors(p)
+        if meta.get("format") != CHECKPOINT_FORMAT or "step" not in meta:
             raise MtcError("corrupt checkpoint (not an mtc checkpoint)", file=str(p))
-        return state
+        return tensors, meta

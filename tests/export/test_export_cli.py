@@ -64,7 +64,7 @@ def test_bad_inputs_exit_2(run, tmp_path):
     assert "no such run directory" in _bad(mtc("export", "missing", "-o", "o", cwd=tmp_path))
     untrained = tmp_path / "untrained"
     shutil.copytree(run, untrained)
-    (untrained / "checkpoints" / "train.pt").unlink()
+    (untrained / "checkpoints" / "train.safetensors").unlink()
     assert "final checkpoint" in _bad(mtc("export", str(untrained), "-o", "o", cwd=tmp_path))
     pol = json.loads((run / "policy.json").read_text())
     wrong_vcn = dict(pol, policy={**{k + "x": v for k, v in pol["policy"].items()}})
@@ -73,7 +73,7 @@ def test_bad_inputs_exit_2(run, tmp_path):
     wrong_task = dict(pol, policy={k: {"a": "shared", "zz": "shared"} for k in pol["policy"]})
     mismatched = tmp_path / "mismatched"
     shutil.copytree(run, mismatched)
-    (mismatched / "policy.json").write_text(json.dumps(wrong_task))
+    (mismatched / "plan.json").write_text(json.dumps(wrong_task))  # the run's plan, in v1 policy form
     assert "tasks" in _bad(mtc("export", str(mismatched), "-o", "o", cwd=tmp_path))
     assert not (tmp_path / "o").exists()
 
@@ -167,7 +167,7 @@ def test_supergraph_source_without_weights_matches_the_lowering(run, tmp_path):
     from conftest import rel_err
 
     from mtc.export import graph as eg
-    from mtc.export.api import read_policy, reference_outputs
+    from mtc.export.api import read_plan, reference_outputs
     from mtc.ir.io import load
 
     sup = _supergraph(run)
@@ -178,18 +178,21 @@ def test_supergraph_source_without_weights_matches_the_lowering(run, tmp_path):
         "mtc: note: no --weights: exporting the supergraph's initial (untrained) weights"]
     assert _outputs(tmp_path / "f.onnx") == ["a", "b"]
     model = load(sup)
-    ref = reference_outputs(eg.fixed_module(model, read_policy(run / "policy.json", model)), _x())
+    ref = reference_outputs(eg.fixed_module(model, read_plan(run / "policy.json", model)), _x())
     for name, got in zip(["a", "b"], _ort(tmp_path / "f.onnx", _x()), strict=True):
         assert rel_err(got, ref[name]) <= 1e-4
 
 
 def test_supergraph_source_with_weights_matches_the_run(run, tmp_path):
     import numpy as np
-    import torch
 
     mtc("export", str(run), "--fused", "-o", "run.onnx", "--no-report", cwd=tmp_path, check=True)
-    ckpt = run / "checkpoints" / "train.pt"
-    torch.save(torch.load(ckpt, map_location="cpu", weights_only=False)["module"], tmp_path / "sd.pt")
+    from safetensors.torch import load_file, save_file
+
+    ckpt = run / "checkpoints" / "train.safetensors"
+    # weights alone: the checkpoint's module tensors, keyed by IR name
+    save_file({k[len("module/"):]: v for k, v in load_file(ckpt).items() if k.startswith("module/")},
+              tmp_path / "sd.pt")
     sup, pol = str(_supergraph(run)), str(run / "policy.json")
     r = mtc("export", sup, "--policy", pol, "--weights", str(ckpt), "--fused", "-o", "ckpt.onnx", "--no-report",
             cwd=tmp_path)
@@ -197,7 +200,7 @@ def test_supergraph_source_with_weights_matches_the_run(run, tmp_path):
     assert r.stderr.strip() == ""
     mtc("export", sup, "--policy", pol, "--weights", "sd.pt", "--task", "b", "-o", "sd_b.onnx", "--no-report",
         cwd=tmp_path, check=True)
-    # --weights with a run directory replaces checkpoints/train.pt
+    # --weights with a run directory replaces checkpoints/train.safetensors
     mtc("export", str(run), "--weights", "sd.pt", "--fused", "-o", "override.onnx", "--no-report", cwd=tmp_path,
         check=True)
     x = _x()
@@ -220,21 +223,23 @@ def test_supergraph_source_errors(run, tmp_path):
     (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint at all")
     assert "corrupt checkpoint" in _bad(mtc("export", sup, "--policy", pol, "--weights", "garbage.pt", "-o", "o",
                                             cwd=tmp_path))
-    torch.save({"conv.weight": torch.zeros(1)}, tmp_path / "misfit.pt")
+    from safetensors.torch import save_file
+
+    save_file({"conv.weight": torch.zeros(1)}, tmp_path / "misfit.pt")
     misfit = _bad(mtc("export", sup, "--policy", pol, "--weights", "misfit.pt", "-o", "o", cwd=tmp_path))
     assert "do not fit" in misfit and "misfit.pt" in misfit
-    torch.save([1, 2], tmp_path / "list.pt")
+    save_file({}, tmp_path / "list.pt")  # a valid file with no tensors
     assert "not weights" in _bad(mtc("export", str(run), "--weights", "list.pt", "-o", "o", cwd=tmp_path))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["garbage.pt", "list.pt", "misfit.pt"]
 
 
 def test_keep_resize_leaves_the_seg_heads_resize(tmp_path):
-    from mtc.ir import supergraph as sg
     from mtc.ir.io import load
+    from mtc.spaces.automtl import Policy
 
     mtc("compile", str(BACKBONES / "tiny_resnet.onnx"), "--tasks", "s:seg:3,d:regress:1", "--head-width", "8",
         "--input-shape", "1,3,32,32", "-o", "s.mtc.onnx", cwd=tmp_path, check=True)
-    policy = sg.Policy.random(load(tmp_path / "s.mtc.onnx"), seed=3)
+    policy = Policy.random(load(tmp_path / "s.mtc.onnx"), seed=3)
     (tmp_path / "p.json").write_text(json.dumps({"policy": policy.to_json()}))
     for flag, name in (("--resize-matmul", "fast.onnx"), ("--keep-resize", "plain.onnx")):
         r = mtc("export", "s.mtc.onnx", "--policy", "p.json", "--task", "s", flag, "-o", name, "--no-report",

@@ -15,7 +15,9 @@ from mtc.export.resize import resize_as_matmul
 from mtc.frontends import import_model
 from mtc.ir import supergraph as sg
 from mtc.ir.cost import model_cost
-from mtc.passes.pipeline import compile_supergraph
+from mtc.spaces import compile_supergraph
+from mtc.spaces.automtl import Policy, vcns_of
+from mtc.tasks.spec import tasks_of
 
 TASKS = {2: "a:regress:1,b:class:2", 3: "a:regress:1,b:class:2,c:seg:3"}
 NAMES = ("tiny_resnet", "tiny_densenet", "tiny_mobilenetv2")
@@ -44,12 +46,12 @@ def reference(name: str, n_tasks: int, tasks: list[str]) -> ir.Model:
     return m
 
 
-def perturbed(model: ir.Model, policy: sg.Policy, seed: int = 0):
+def perturbed(model: ir.Model, policy: Policy, seed: int = 0):
     """The fixed lowering with every float weight and statistic perturbed (copies differ from shared)."""
     module = eg.fixed_module(model, policy)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for k, v in module.state_dict().items():
+        for k, v in module.ir_state().items():
             if v.is_floating_point():
                 v.add_(torch.randn(v.shape, generator=g) * 0.1 * (v.abs().mean() + 0.05))
                 if "var" in k:
@@ -75,9 +77,9 @@ def check_exported(m: ir.Model, outputs: list[str]) -> None:
 def test_random_policies_match_the_lowering(name, n_tasks):
     model = supergraph(name, n_tasks)
     before = ir.to_proto(model).SerializeToString()
-    tasks = [t.name for t in sg.tasks_of(model) or []]
+    tasks = [t.name for t in tasks_of(model) or []]
     for seed in (n_tasks, 10 + n_tasks):
-        policy = sg.Policy.random(model, seed=seed)
+        policy = Policy.random(model, seed=seed)
         module = perturbed(model, policy, seed)
         ex = export_graphs(model, policy, module, fold_bn=seed > 10, resize_matmul=seed < 10)
         for t, m in ex.tasks.items():
@@ -98,13 +100,13 @@ def test_random_policies_match_the_lowering(name, n_tasks):
 
 def test_copies_are_named_after_copyof_outputs():
     model = supergraph("tiny_resnet", 2)
-    policy = sg.Policy.uniform(model, "specific")
+    policy = Policy.uniform(model, "specific")
     module = perturbed(model, policy)
     ex = export_graphs(model, policy, module, fused=False)
     inits = ex.tasks["a"].graph.initializers
-    for name, attr in module.mtc_copies.items():
+    for name, t in module.named_initializers().items():
         if name.endswith("@a") and name in inits:
-            np.testing.assert_array_equal(inits[name].const_value.numpy(), getattr(module, attr).detach().numpy())
+            np.testing.assert_array_equal(inits[name].const_value.numpy(), t.detach().numpy())
     assert any(k.endswith("@a") for k in inits) and not any(k.endswith("@b") for k in inits)
     origins = [n.metadata_props.get("mtc.origin") for n in ex.tasks["a"].graph if n.op_type == "Conv"]
     assert all(origins)
@@ -112,7 +114,7 @@ def test_copies_are_named_after_copyof_outputs():
 
 def test_fold_bn_removes_batchnorms_and_stays_exact():
     model = supergraph("tiny_resnet", 3)
-    policy = sg.Policy.random(model, seed=5)
+    policy = Policy.random(model, seed=5)
     module = perturbed(model, policy, 5)
     plain = export_graphs(model, policy, module)
     folded = export_graphs(model, policy, module, fold_bn=True)
@@ -128,14 +130,14 @@ def test_fold_bn_removes_batchnorms_and_stays_exact():
 @pytest.mark.parametrize("name", NAMES)
 def test_all_shared_task_is_the_backbone_with_its_head(name):
     model = supergraph(name, 3)
-    ex = export_graphs(model, sg.Policy.uniform(model, "shared"), resize_matmul=False)
+    ex = export_graphs(model, Policy.uniform(model, "shared"), resize_matmul=False)
     for t in ("a", "b", "c"):
         assert ops(ex.tasks[t]) == ops(reference(name, 3, [t]))
     # the fused all-shared model computes each backbone op once: backbone + every head
     assert ops(ex.fused) == ops(reference(name, 3, ["a", "b", "c"]))
     assert not any("[" in str(n.name) for n in ex.fused.graph)
     # by default the seg head's bilinear Resize becomes two MatMuls, in the reference alike
-    fast = export_graphs(model, sg.Policy.uniform(model, "shared"))
+    fast = export_graphs(model, Policy.uniform(model, "shared"))
     ref = reference(name, 3, ["a", "b", "c"])
     assert resize_as_matmul(ref) == 1
     assert ops(fast.fused) == ops(ref) and "Resize" not in ops(fast.fused)
@@ -145,11 +147,11 @@ def test_all_shared_task_is_the_backbone_with_its_head(name):
 def test_skipping_vcns_exports_fewer_macs(name):
     model = supergraph(name, 2)
     base = model_cost(reference(name, 2, ["a"]))[1]
-    vcns = [r.name for r in sg.vcns_of(model)]
+    vcns = [r.name for r in vcns_of(model)]
     rng = np.random.default_rng(0)
     for k in (1, 2, 4, len(vcns)):
         for _ in range(3):
-            policy = sg.Policy.uniform(model, "shared")
+            policy = Policy.uniform(model, "shared")
             skipped = rng.choice(vcns, size=k, replace=False)
             for v in skipped:
                 policy.choices[str(v)]["a"] = 2
@@ -160,8 +162,8 @@ def test_skipping_vcns_exports_fewer_macs(name):
 
 def test_fused_shares_the_common_prefix():
     model = supergraph("tiny_resnet", 2)
-    vcns = [r.name for r in sg.vcns_of(model)]
-    policy = sg.Policy.uniform(model, "shared")
+    vcns = [r.name for r in vcns_of(model)]
+    policy = Policy.uniform(model, "shared")
     for v in vcns[len(vcns) // 2:]:
         policy.choices[v]["b"] = 1  # b diverges half-way
     ex = export_graphs(model, policy)
@@ -176,7 +178,7 @@ def test_fused_shares_the_common_prefix():
 
 def test_write_verified_leaves_nothing_on_mismatch(tmp_path):
     model = supergraph("tiny_resnet", 2)
-    policy = sg.Policy.random(model, seed=1)
+    policy = Policy.random(model, seed=1)
     ex = export_graphs(model, policy, perturbed(model, policy))
     out = write_verified(ex, tmp_path / "ok")
     assert sorted(p.name for p in (tmp_path / "ok").iterdir()) == ["a.onnx", "b.onnx", "fused.onnx"]
@@ -196,7 +198,7 @@ def test_large_models_go_to_external_data(tmp_path, monkeypatch):
     import mtc.ir.io as io
 
     model = supergraph("tiny_resnet", 2)
-    policy = sg.Policy.random(model, seed=2)
+    policy = Policy.random(model, seed=2)
     ex = export_graphs(model, policy, perturbed(model, policy))
     monkeypatch.setattr(io, "EXTERNAL_DATA_THRESHOLD", 10_000)
     out = write_verified(ex, tmp_path)
@@ -215,7 +217,7 @@ def test_report_compares_like_with_like(fold_bn):
     from mtc.export.report import deployment_report
 
     model = supergraph("tiny_resnet", 2)
-    ex = export_graphs(model, sg.Policy.uniform(model, "shared"), fold_bn=fold_bn)
+    ex = export_graphs(model, Policy.uniform(model, "shared"), fold_bn=fold_bn)
     rep = deployment_report(model, ex, repeat=1)
     for t in ("a", "b"):
         row = rep["tasks"][t]

@@ -17,22 +17,8 @@ from mtc.lower.reference import export_reference
 
 
 def _main():
-    try:
-        from mtc.cli import main
-    except ImportError:  # the lead's CLI not there yet: a stand-in group with the same error handling
-        import click
+    from mtc.cli import main
 
-        from mtc.lower.cli import verify_cmd
-
-        class Group(click.Group):
-            def invoke(self, ctx):
-                try:
-                    return super().invoke(ctx)
-                except MtcError as e:
-                    click.echo(f"mtc: error: {e}", err=True)
-                    raise SystemExit(2) from None
-
-        main = Group(commands={"verify": verify_cmd})
     return main
 
 

@@ -10,12 +10,11 @@ import torch.nn.functional as F
 from conftest import BACKBONES, parse
 
 from mtc.frontends import import_model
-from mtc.ir import supergraph as sg
 from mtc.ir.names import fix_names
 from mtc.ir.shapes import infer_shapes
 from mtc.lower import lower
-from mtc.lower.supergraph import lower_supergraph, policy_parameters, set_mode
-from mtc.passes.pipeline import compile_supergraph
+from mtc.spaces import compile_supergraph
+from mtc.spaces.automtl import Policy, lower_supergraph, policy_parameters, set_mode, vcns_of
 
 # x -> [conv a + bn a] -> relu -> [conv b (stride 2) + bn b] -> relu -> r ; [conv c (1x1)] ; add(r, c) -> relu
 SMALL = """
@@ -71,13 +70,13 @@ def _param(module, name):
     inits = module.named_initializers()
     if name in inits:
         return inits[name]
-    return getattr(module, module.mtc_copies[name])
+    raise KeyError(name)
 
 
 def _hand_task(module, model, policy, task, x):
     """The task's network written out by hand from the chosen options' tensors."""
     P = lambda n: _param(module, n)  # noqa: E731
-    vcns = {v.name: v for v in sg.vcns_of(model)}
+    vcns = {v.name: v for v in vcns_of(model)}
     bn_names = {"ca": ("a_s", "a_b", "a_m", "a_v"), "cb": ("b_s", "b_b", "b_m", "b_v")}
 
     def option(c, name, conv_w, inp, stride, pad):
@@ -110,7 +109,7 @@ def _hand_task(module, model, policy, task, x):
 @pytest.mark.parametrize("seed", range(6))
 def test_fixed_policy_matches_hand_built_network(seed):
     model = _compiled()
-    policy = sg.Policy.random(model, seed=seed)
+    policy = Policy.random(model, seed=seed)
     module = lower_supergraph(model, mode="fixed", policy=policy).eval()
     _perturb(module, seed)
     x = torch.randn(5, 2, 6, 6, generator=torch.Generator().manual_seed(seed))
@@ -138,7 +137,7 @@ def test_gradients_reach_every_option_and_logit(mode):
     loss.backward()
     missing = [n for n, p in module.named_parameters() if p.grad is None or not torch.any(p.grad != 0)]
     logits = policy_parameters(module)
-    assert len(logits) == len(sg.vcns_of(model))
+    assert len(logits) == len(vcns_of(model))
     if mode == "warmup":
         # the policy is not used in warmup: only the logits lack gradients
         assert sorted(missing) == sorted(n for n, p in module.named_parameters() if any(p is q for q in logits.values()))
@@ -150,10 +149,10 @@ def test_gumbel_hard_is_one_hot_and_tau_anneals():
     model = _compiled()
     module = lower_supergraph(model, mode="gumbel", tau=1.0, hard=True)
     module(torch.randn(2, 2, 6, 6))
-    for w in module.mtc_gates.weights.values():
+    for w in module.controls.weights.values():
         assert torch.all((w == 0) | (w == 1)) and torch.all(w.sum(-1) == 1)
     set_mode(module, "gumbel", tau=0.5, hard=False)
-    assert module.mtc_gates.tau == 0.5
+    assert module.controls.tau == 0.5
 
 
 def test_all_shared_equals_backbone_plus_heads_and_costs_one_pass():
@@ -163,14 +162,14 @@ def test_all_shared_equals_backbone_plus_heads_and_costs_one_pass():
     sup = plain.clone()
     compile_supergraph(sup, tasks="seg,depth,normal", head_width=8, passes=["vcn"])
     ref_mod = lower(plain).eval()
-    fixed = lower_supergraph(sup, mode="fixed", policy=sg.Policy.uniform(sup, "shared")).eval()
+    fixed = lower_supergraph(sup, mode="fixed", policy=Policy.uniform(sup, "shared")).eval()
     x = torch.randn(2, 3, 64, 64)
     for a, b in zip(fixed(x), ref_mod(x), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     # one backbone pass plus heads: no more executed nodes than the plain network
     assert fixed.num_nodes <= ref_mod.num_nodes
     # all task-specific runs three backbones
-    spec = lower_supergraph(sup, mode="fixed", policy=sg.Policy.uniform(sup, "specific"))
+    spec = lower_supergraph(sup, mode="fixed", policy=Policy.uniform(sup, "specific"))
     backbone_nodes = sum(1 for n in plain.graph if "mtc.task" not in n.metadata_props)
     assert spec.num_nodes >= ref_mod.num_nodes + 2 * backbone_nodes
 
@@ -179,7 +178,7 @@ def test_fixed_needs_matching_policy():
     from mtc.errors import MtcError
 
     model = _compiled()
-    bad = sg.Policy({"nope": {"t1": 0}})
+    bad = Policy({"nope": {"t1": 0}})
     with pytest.raises(MtcError, match="policy does not match the supergraph"):
         lower_supergraph(model, mode="fixed", policy=bad)
 
@@ -193,9 +192,8 @@ def test_batched_copies_equal_per_task_copies_and_keep_running_stats():
     assert "TaskConv" not in [n.op_type for n in b.model.graph]
     b.load_state_dict(a.state_dict(), strict=False)
     for name, t in b.named_initializers().items():
-        t.data.copy_(a.named_initializers()[name].data)
-    for k, attr in a.mtc_copies.items():
-        getattr(b, b.mtc_copies[k]).data.copy_(getattr(a, attr).data)
+        t.data.copy_(a.named_initializers()[name].data)  # copies too: they are addressed by IR name
+    copies = [n.outputs[0].name for n in a.model.graph if n.op_type == "CopyOf"]
     x = torch.randn(4, 2, 6, 6)
     for mod in (a, b):
         mod.train()
@@ -203,8 +201,8 @@ def test_batched_copies_equal_per_task_copies_and_keep_running_stats():
         for _ in range(2):
             loss = sum((o ** 2).mean() for o in mod(x))
             loss.backward()
-    for k in a.mtc_copies:
-        ta, tb = getattr(a, a.mtc_copies[k]), getattr(b, b.mtc_copies[k])
+    for k in copies:
+        ta, tb = a.named_initializers()[k], b.named_initializers()[k]
         torch.testing.assert_close(ta, tb)  # running statistics updated alike
         if ta.grad is not None:
             torch.testing.assert_close(ta.grad, tb.grad, rtol=1e-4, atol=1e-6)
@@ -247,7 +245,7 @@ def _skips_compiled():
 
 def test_skips_are_cheaper_than_their_units():
     model = _skips_compiled()
-    vcns = {v.name: v for v in sg.vcns_of(model)}
+    vcns = {v.name: v for v in vcns_of(model)}
     # a 1x1 unit skips for free: strided slice + channel gather, no parameters
     assert vcns["cp"].skip == "select" and vcns["cp"].skip_params == vcns["cp"].skip_macs == 0
     # a depthwise 3x3 unit skips through a depthwise 1x1 conv + BN: 1/9 of the conv's MACs
@@ -292,7 +290,7 @@ def test_select_and_grouped_skips_match_hand_built_network(mode):
     model = _skips_compiled()
     policy = None
     if mode == "fixed":
-        policy = sg.Policy.uniform(model, "shared")
+        policy = Policy.uniform(model, "shared")
         policy.choices["cp"]["t1"] = policy.choices["cd"]["t1"] = 2
         policy.choices["cp"]["t2"], policy.choices["cd"]["t2"] = 2, 1
     module = lower_supergraph(model, mode=mode, policy=policy).eval()

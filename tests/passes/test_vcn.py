@@ -15,8 +15,10 @@ from mtc.frontends import import_model
 from mtc.ir import io
 from mtc.ir import supergraph as sg
 from mtc.ir.verify import verify
-from mtc.passes.pipeline import compile_supergraph
-from mtc.passes.vcn import Vcn
+from mtc.spaces import compile_supergraph
+from mtc.spaces.automtl import vcns_of
+from mtc.spaces.automtl.vcn import Vcn
+from mtc.tasks.spec import tasks_of
 
 TASKS = {1: "seg", 2: "seg,depth", 3: "seg,depth,normal", 5: "seg,depth,normal,edge,keypoint"}
 SMALL = sorted(p.name for p in BACKBONES.glob("*.onnx")) + ["mobilenetv2.prototxt"]
@@ -41,9 +43,9 @@ def test_compiles_checks_and_round_trips(tmp_path, name, n):
     p = io.save(m, tmp_path / "s.mtc.onnx")
     back = io.load(p)
     assert ir.to_proto(back) == proto  # loads back unchanged
-    tasks = [t.name for t in sg.tasks_of(back)]
+    tasks = [t.name for t in tasks_of(back)]
     assert [v.name for v in back.graph.outputs] == tasks
-    vcns = sg.vcns_of(back)
+    vcns = vcns_of(back)
     ops = Counter((nd.domain, nd.op_type) for nd in back.graph)
     assert ops[(sg.DOMAIN, "Gate")] == len(vcns) > 0
     assert ops[(sg.DOMAIN, "Fork")] == 1
@@ -59,7 +61,7 @@ def test_compiles_checks_and_round_trips(tmp_path, name, n):
 
 def test_units_pair_conv_with_following_bn():
     m = _compile("tiny_resnet.onnx", 2)
-    vcns = sg.vcns_of(m)
+    vcns = vcns_of(m)
     by_op = {nd.name: nd.op_type for nd in m.graph}
     for v in vcns:
         assert [by_op[x] for x in v.nodes] == ["Conv", "BatchNormalization"]
@@ -71,7 +73,7 @@ def test_units_pair_conv_with_following_bn():
 def test_standalone_norm_is_its_own_vcn():
     m = _compile("tiny_densenet.onnx", 2)
     by_op = {nd.name: nd.op_type for nd in m.graph}
-    singles = [v for v in sg.vcns_of(m) if len(v.nodes) == 1]
+    singles = [v for v in vcns_of(m) if len(v.nodes) == 1]
     assert any(by_op[v.nodes[0]] == "BatchNormalization" for v in singles)
     assert all(v.skip == "identity" for v in singles if by_op[v.nodes[0]] == "BatchNormalization")
 
@@ -79,7 +81,7 @@ def test_standalone_norm_is_its_own_vcn():
 def test_per_task_norm_moves_norm_into_every_option():
     m = _compile("tiny_resnet.onnx", 2, per_task_norm=True)
     names = {nd.name for nd in m.graph}
-    v = sg.vcns_of(m)[0]
+    v = vcns_of(m)[0]
     conv, bn = v.nodes
     assert bn not in names  # the shared option has no shared normalisation
     assert f"{bn}@seg.shared" in names and f"{bn}@depth.shared" in names

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from mtc.errors import MtcError
-from mtc.search.automtl import (
+from mtc.spaces.automtl.search import (
     TauSchedule,
     derive_policy,
     policy_json,
@@ -82,7 +82,7 @@ def test_derive_sample_and_correlation():
 
 
 def test_lambda_reg_scales_with_the_budget():
-    from mtc.search.automtl import PAPER_POLICY_STEPS, SearchOptions
+    from mtc.spaces.automtl.search import PAPER_POLICY_STEPS, SearchOptions
 
     # the paper's budget uses Table 1's value; shorter searches get the same total pull
     assert SearchOptions(policy_steps=PAPER_POLICY_STEPS).effective_lambda_reg() == pytest.approx(1e-3)

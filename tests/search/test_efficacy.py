@@ -78,10 +78,12 @@ def search(tmp_path_factory):
     λ_reg is used as given, ``DEFAULT`` takes SearchOptions' default (budget-scaled)."""
     from mtc.data import load_data
     from mtc.frontends import import_model
-    from mtc.ir import supergraph as sg
-    from mtc.passes.pipeline import compile_supergraph
-    from mtc.search.automtl import SearchOptions, run_search
+    from mtc.spaces import compile_supergraph
+    from mtc.spaces.automtl import Policy, vcns_of
+    from mtc.spaces.automtl.search import SearchOptions
+    from mtc.tasks.spec import tasks_of
     from mtc.train.run import RunDir
+    from mtc.train.search import run_search
 
     if str(HERE) not in sys.path:
         sys.path.insert(0, str(HERE))
@@ -89,8 +91,8 @@ def search(tmp_path_factory):
     torch.set_num_threads(1)  # tiny layers: extra threads only contend on a 2-core machine
     model = import_model("test_efficacy:factory", input_shape=INPUT_SHAPE)
     compile_supergraph(model, tasks=TASKS, head_width=HEAD_WIDTH, feature=model.graph.outputs[0].name)
-    assert [v.depth for v in sg.vcns_of(model)] == [1, 2, 3]
-    tasks = sg.tasks_of(model)
+    assert [v.depth for v in vcns_of(model)] == [1, 2, 3]
+    tasks = tasks_of(model)
     cache: dict = {}
 
     def run(rho: float, lambda_reg: float, seed: int):
@@ -102,7 +104,7 @@ def search(tmp_path_factory):
             if lambda_reg == DEFAULT:
                 assert opts.lambda_reg == 1e-3 and opts.effective_lambda_reg() == pytest.approx(0.01)
             d = tmp_path_factory.mktemp(f"rho{rho}-lam{lambda_reg}-s{seed}")
-            cache[key] = run_search(RunDir(d), model, train, val, opts, progress=False)
+            cache[key] = Policy.from_plan(run_search(RunDir(d), model, train, val, opts, progress=False))
         return cache[key]
 
     yield run
@@ -116,7 +118,7 @@ def shared_fraction(policy) -> float:
 
 
 def test_related_tasks_share_more(search):
-    from mtc.search.automtl import sharing_fraction
+    from mtc.spaces.automtl.search import sharing_fraction
 
     both = {rho: [sharing_fraction(search(rho, LAMBDA_REG, s), "t1", "t2") for s in SEEDS] for rho in (0.0, 1.0)}
     print(f"sharing fraction per seed {SEEDS}: rho=0 {both[0.0]}, rho=1 {both[1.0]}")

@@ -34,7 +34,7 @@ def test_search_then_train(tmp_path, supergraph):
         check=True)
     run = tmp_path / "run"
     for f in ("config.json", "super.mtc.onnx", "policy.json", "policy.png", "task_correlation.json",
-              "task_correlation.png", "metrics.jsonl", "checkpoints/search.pt"):
+              "task_correlation.png", "metrics.jsonl", "checkpoints/search.safetensors"):
         assert (run / f).exists(), f
     pol = json.loads((run / "policy.json").read_text())
     assert set(pol["tasks"]) == {"a", "b"}
@@ -52,7 +52,7 @@ def test_sigkill_then_resume_gives_the_same_policy(tmp_path, supergraph):
     p = subprocess.Popen([sys.executable, "-m", "mtc.cli", "search", str(supergraph), "--data", "tinydata:factory",
                           "--run-dir", "killed", *SMALL], cwd=tmp_path, env=env,
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ckpt = tmp_path / "killed" / "checkpoints" / "search.pt"
+    ckpt = tmp_path / "killed" / "checkpoints" / "search.safetensors"
     deadline = time.time() + 120
     while not ckpt.exists() and time.time() < deadline and p.poll() is None:
         time.sleep(0.05)
@@ -79,13 +79,14 @@ def test_nan_stops_with_task_and_iteration_and_keeps_checkpoint(tmp_path, superg
     line = r.stderr.strip().splitlines()[-1]
     import re
 
-    import torch
 
     m = re.search(r"loss of task 'a' is nan at pretrain iteration (\d+)", line)
     assert m, line
     failed_at = int(m.group(1))
     assert failed_at >= 2
-    state = torch.load(tmp_path / "run" / "checkpoints" / "search.pt", weights_only=False)
+    from mtc.train.run import read_tensors
+
+    _, state = read_tensors(tmp_path / "run" / "checkpoints" / "search.safetensors")
     assert state["step"] == failed_at - failed_at % 2  # the last good checkpoint, not overwritten
 
 
@@ -115,8 +116,8 @@ def test_run_dir_of_another_supergraph_and_corrupt_checkpoint(tmp_path, supergra
         "--input-shape", "1,3,32,32", "-o", str(other), cwd=tmp_path, check=True)
     r = mtc("search", str(other), "--data", "tinydata:factory", "--run-dir", "run", "--resume", *SMALL, cwd=tmp_path)
     assert r.returncode == 2 and "different supergraph" in r.stderr
-    good = (tmp_path / "run" / "checkpoints" / "search.pt").read_bytes()
-    (tmp_path / "run" / "checkpoints" / "search.pt").write_bytes(good[: len(good) // 3])
+    good = (tmp_path / "run" / "checkpoints" / "search.safetensors").read_bytes()
+    (tmp_path / "run" / "checkpoints" / "search.safetensors").write_bytes(good[: len(good) // 3])
     r = mtc("search", str(supergraph), "--data", "tinydata:factory", "--run-dir", "run", "--resume", *SMALL,
             cwd=tmp_path)
     assert r.returncode == 2 and "corrupt checkpoint" in r.stderr

@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from mtc.tasks.batch import collate_batch, collate_targets
 from mtc.tasks.kinds import get_kind
-from mtc.tasks.losses import collate_batch, collate_targets
 from mtc.tasks.spec import parse_tasks
 
 NAN = math.nan

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mtc.ir.supergraph import OPTIONS
+from mtc.spaces.automtl.policy import OPTIONS
 
 
 def _plt():

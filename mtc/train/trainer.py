@@ -1,0 +1,277 @@
+"""The one trainer: stages of updates, optimisers over IR-named parameters, exact resume.
+
+Every training in mtc runs here: a search strategy's stages (AutoMTL's pre-train and policy-train),
+the post-train of a plan (``mtc train``), the baselines, and the short inner trainings of
+strategies that search in an outer loop. The training step is written once (:meth:`Trainer._update`).
+
+Determinism: batches are a pure function of (seed, stream, step) (:class:`~mtc.train.loop.Batcher`)
+and the torch seed of every global step is drawn from (seed, tag, step), so a run killed at any
+point and resumed from its last checkpoint ends exactly where an uninterrupted run ends.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from mtc.errors import MtcError
+from mtc.lower.module import GraphModule
+from mtc.spaces import OptimizerSpec, Stage, Update
+from mtc.tasks.spec import TaskSpec
+from mtc.train.loop import Batcher, autocast_forward, check_finite, step_seed, task_losses
+from mtc.train.run import RunDir
+
+
+@dataclass
+class TrainConfig:
+    """The knobs every training shares (strategies add their own)."""
+
+    batch_size: int = 8
+    checkpoint_every: int = 50
+    log_every: int = 10
+    seed: int = 0
+    amp: bool = False
+    task_weights: dict[str, float] | None = None
+    eval_batches: int | None = 4
+
+
+class Stopped(Exception):
+    """Raised by :meth:`Trainer.run` with ``stop_after``: the run ends as if killed there."""
+
+
+def _build_optimizer(spec: OptimizerSpec) -> tuple[torch.optim.Optimizer, Any]:
+    params = list(spec.params.values())
+    if spec.kind == "adam":
+        opt: torch.optim.Optimizer = torch.optim.Adam(params, lr=spec.lr)
+    elif spec.kind == "sgd":
+        opt = torch.optim.SGD(params, lr=spec.lr, momentum=0.9)
+    else:
+        raise MtcError(f"unknown optimiser '{spec.kind}' (expected adam or sgd)")
+    sched = None
+    if spec.decay_every > 0:
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=spec.decay_every, gamma=spec.decay)
+    return opt, sched
+
+
+class _Bar:
+    def __init__(self, title: str, total: int, start: int) -> None:
+        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.p = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                          TimeRemainingColumn(), transient=False)
+        self.p.start()
+        self.t = self.p.add_task(title, total=total, completed=start)
+
+    def update(self, g: int, stage: str, losses: dict[str, float]) -> None:
+        desc = f"{stage} " + " ".join(f"{k}={v:.3f}" for k, v in losses.items())
+        self.p.update(self.t, completed=g, description=desc)
+
+    def stop(self) -> None:
+        self.p.stop()
+
+
+class Trainer:
+    """Runs ``stages`` on ``module`` (see the module docstring).
+
+    Args:
+        run: where checkpoints and the log go; None for an inner training that keeps nothing.
+        module: the lowered network (search form or a plan's network).
+        tasks: the tasks, in output order.
+        optimizers: the optimisers, by name (an :class:`Update` names the ones it steps).
+        streams: data set per stream name (one deterministic batch stream each).
+        stages: run in order; the global step counts across them.
+        config: batch size, checkpoint and log intervals, seed, amp, task weights.
+        name: the checkpoint's name (``checkpoints/NAME.safetensors``) and the tag of the
+            per-step torch seeds.
+        device: where batches go.
+        progress: show a progress bar.
+    """
+
+    def __init__(self, run: RunDir | None, module: GraphModule, tasks: Sequence[TaskSpec], *,
+                 optimizers: Sequence[OptimizerSpec], streams: dict[str, Any], stages: Sequence[Stage],
+                 config: TrainConfig, name: str, device: str = "cpu", progress: bool = True) -> None:
+        self.run_dir = run
+        self.module = module
+        self.tasks = list(tasks)
+        self.config = config
+        self.name = name
+        self.device = device
+        self.progress = progress
+        self.stages = list(stages)
+        names = [s.name for s in self.stages]
+        if len(set(names)) != len(names):
+            raise MtcError(f"stage names must be unique, got {names}")
+        self.specs = {o.name: o for o in optimizers}
+        self.optims = {o.name: _build_optimizer(o) for o in optimizers}
+        for st in self.stages:
+            for u in st.updates:
+                missing = [o for o in u.optimizers if o not in self.optims]
+                if missing:
+                    raise MtcError(f"stage '{st.name}' steps unknown optimiser '{missing[0]}'")
+                if u.stream not in streams:
+                    raise MtcError(f"stage '{st.name}' reads unknown data stream '{u.stream}'")
+        self.batchers = {k: Batcher(ds, self.tasks, config.batch_size, config.seed, k) for k, ds in streams.items()}
+        self.weights = {t.name: (config.task_weights or {}).get(t.name, 1.0) for t in self.tasks}
+        self.total = sum(s.steps for s in self.stages)
+        self.step = 0  # global step: updates done
+        self._has_checkpoint = False
+
+    # ------------------------------------------------------------------ checkpoints
+    def _ir_names(self, spec: OptimizerSpec) -> list[str]:
+        return list(spec.params)
+
+    def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """The checkpoint: tensors by IR name and the JSON rest."""
+        tensors = {f"module/{k}": v for k, v in self.module.ir_state().items()}
+        meta: dict[str, Any] = {"step": self.step, "name": self.name, "optim": {}, "sched": {},
+                                "controls": self.module.controls.state()}
+        for oname, (opt, sched) in self.optims.items():
+            sd = opt.state_dict()
+            names = self._ir_names(self.specs[oname])
+            slots: dict[str, list[str]] = {}
+            for idx, st in sd["state"].items():
+                pname = names[idx]
+                for slot, val in st.items():
+                    t = val if isinstance(val, torch.Tensor) else torch.tensor(val)
+                    tensors[f"optim/{oname}/{pname}/{slot}"] = t
+                    slots.setdefault(pname, []).append(slot)
+            groups = [{k: v for k, v in grp.items() if k != "params"} | {"params": [names[i] for i in grp["params"]]}
+                      for grp in sd["param_groups"]]
+            meta["optim"][oname] = {"param_groups": groups, "slots": slots}
+            if sched is not None:
+                meta["sched"][oname] = sched.state_dict()
+        return tensors, meta
+
+    def load_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any], *, source: str) -> None:
+        """Restore :meth:`state`.
+
+        Raises:
+            MtcError: a checkpoint of another network or training (naming what does not fit).
+        """
+        mod = {k[len("module/"):]: v for k, v in tensors.items() if k.startswith("module/")}
+        self.module.load_ir_state(mod, source=source)
+        try:
+            step = int(meta["step"])
+            for oname, (opt, sched) in self.optims.items():
+                om = meta["optim"][oname]
+                names = self._ir_names(self.specs[oname])
+                index = {n: i for i, n in enumerate(names)}
+                state: dict[int, dict[str, Any]] = {}
+                for pname, slots in om["slots"].items():
+                    state[index[pname]] = {slot: tensors[f"optim/{oname}/{pname}/{slot}"] for slot in slots}
+                groups = [dict(grp) | {"params": [index[n] for n in grp["params"]]} for grp in om["param_groups"]]
+                opt.load_state_dict({"state": state, "param_groups": groups})
+                if sched is not None:
+                    sched.load_state_dict(meta["sched"][oname])
+            self.module.controls.load_state(meta.get("controls", {}))
+        except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as e:
+            raise MtcError(f"the checkpoint does not belong to this training ({type(e).__name__}: {e}); use a new "
+                           "--run-dir or drop --resume", file=source) from None
+        if not 0 <= step <= self.total:
+            raise MtcError(f"the checkpoint is at step {step}, outside this training's 0..{self.total}", file=source)
+        self.step = step
+
+    def checkpoint(self) -> None:
+        if self.run_dir is not None:
+            tensors, meta = self.state()
+            self.run_dir.save_checkpoint(self.name, tensors, meta)
+            self._has_checkpoint = True
+
+    def resume(self) -> bool:
+        """Continue from the run's checkpoint, if it has one; drop log records it will redo."""
+        if self.run_dir is None or not self.run_dir.has_checkpoint(self.name):
+            return False
+        tensors, meta = self.run_dir.load_checkpoint(self.name)
+        self.load_state(tensors, meta, source=str(self.run_dir.checkpoint_path(self.name)))
+        self._has_checkpoint = True
+        self.run_dir.truncate_log(self._keep_record)
+        return True
+
+    def _position(self, g: int) -> tuple[int, int]:
+        """(stage index, local step) of global step ``g``."""
+        for i, st in enumerate(self.stages):
+            if g < st.steps:
+                return i, g
+            g -= st.steps
+        return len(self.stages), 0
+
+    def _keep_record(self, r: dict[str, Any]) -> bool:
+        order = {s.name: i for i, s in enumerate(self.stages)}
+        stage = r.get("stage")
+        if stage == f"{self.name}-end":
+            return False  # written again when the run ends
+        if stage not in order:
+            return True
+        # Records of steps done before the checkpoint stay; the step at it will be logged again.
+        return (order[stage], int(r.get("step", 0))) < self._position(self.step)
+
+    # ------------------------------------------------------------------ the loop
+    def log(self, record: dict[str, Any]) -> None:
+        if self.run_dir is not None:
+            self.run_dir.log(record)
+
+    def _update(self, u: Update, stage: Stage, s: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """One update: clear every gradient, forward a batch, task losses (+ extras), backward, step."""
+        for opt, _ in self.optims.values():
+            opt.zero_grad(set_to_none=True)
+        images, targets = self.batchers[u.stream].batch(s, self.device)
+        losses = task_losses(autocast_forward(self.module, images, self.config.amp), targets, self.tasks)
+        check_finite(losses, stage.name, s, resumable=self._has_checkpoint)
+        loss = torch.stack([self.weights[k] * v for k, v in losses.items()]).sum()
+        extra: dict[str, Any] = {}
+        if u.extra_loss is not None:
+            term, extra = u.extra_loss(s)
+            if term is not None:
+                loss = loss + term
+        loss.backward()
+        for oname in u.optimizers:
+            opt, sched = self.optims[oname]
+            opt.step()
+            if sched is not None:
+                sched.step()
+        return losses, extra
+
+    def run(self, *, resume: bool = False, stop_after: int | None = None) -> None:
+        """Run the stages to the end (from the checkpoint with ``resume``).
+
+        Raises:
+            Stopped: ``stop_after`` global steps were reached (nothing more is written).
+            MtcError: a non-finite loss (the last good checkpoint stays), a bad checkpoint.
+        """
+        if resume:
+            self.resume()
+        bar = _Bar(self.name, self.total, self.step) if self.progress and self.total else None
+        t0 = time.perf_counter()
+        self.module.train()
+        try:
+            while self.step < self.total:
+                if stop_after is not None and self.step >= stop_after:
+                    raise Stopped()
+                i, s = self._position(self.step)
+                stage = self.stages[i]
+                torch.manual_seed(step_seed(self.config.seed, self.name, self.step))
+                record: dict[str, Any] = {"stage": stage.name, "step": s}
+                if stage.before_step is not None:
+                    record.update(stage.before_step(s))
+                first: dict[str, float] = {}
+                for u in stage.updates:
+                    losses, extra = self._update(u, stage, s)
+                    values = {k: float(v.detach()) for k, v in losses.items()}
+                    record[u.record] = values
+                    record.update(extra)
+                    first = first or values
+                self.step += 1
+                if s % self.config.log_every == 0 or self.step == self.total:
+                    record["elapsed_s"] = round(time.perf_counter() - t0, 3)
+                    self.log(record)
+                if bar is not None:
+                    bar.update(self.step, stage.name, first)
+                if self.step % self.config.checkpoint_every == 0 or self.step == self.total:
+                    self.checkpoint()
+        finally:
+            if bar is not None:
+                bar.stop()
