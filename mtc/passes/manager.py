@@ -17,7 +17,7 @@ from mtc.passes.base import Pass
 REGISTRY: dict[str, Callable[..., Pass]] = {}
 #: modules whose import registers passes (spaces register theirs when :mod:`mtc.spaces` loads them)
 PASS_MODULES = ("mtc.passes.fold", "mtc.passes.canonicalize", "mtc.passes.feature", "mtc.passes.heads",
-                "mtc.passes.choices", "mtc.passes.specialize", "mtc.passes.search_form")
+                "mtc.passes.choices", "mtc.passes.specialize", "mtc.passes.search_form", "mtc.passes.prune")
 
 
 def _load_all() -> None:
