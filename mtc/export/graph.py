@@ -357,20 +357,20 @@ def fold_batchnorm(model: ir.Model) -> int:
 
 
 def finish(model: ir.Model, *, order: list[str], fold_bn: bool = False, resize_matmul: bool = False,
-           info: dict[str, Any] | None = None) -> ir.Model:
+           slim: bool = True, info: dict[str, Any] | None = None) -> ir.Model:
     """Names, BN form, opsets, shapes and metadata of an exported graph, then ``onnx.checker``.
 
+    ``slim`` removes the channels that bound masks and widths zero (:mod:`mtc.export.slim`);
     ``fold_bn`` folds BatchNormalization into Convs; ``resize_matmul`` rewrites linear Resize as
-    MatMuls (:mod:`mtc.export.resize`). Both are exact.
+    MatMuls (:mod:`mtc.export.resize`). All are exact.
     """
     from mtc.export.resize import resize_as_matmul
+    from mtc.export.slim import slim as slim_masks
     from mtc.ir.shapes import infer_shapes
 
     g = model.graph
     _rename_groups(model, order)
     inference_batchnorm(model)
-    if fold_bn:
-        fold_batchnorm(model)
     bad = [n for n in g if n.domain == sg.DOMAIN]
     if bad:
         raise MtcError("an ai.mtc node is left in the exported graph", node=bad[0].name, op=bad[0].op_type)
@@ -380,8 +380,6 @@ def finish(model: ir.Model, *, order: list[str], fold_bn: bool = False, resize_m
     model.opset_imports.setdefault("", TARGET_OPSET)
     for key in _DROP_METADATA:
         model.metadata_props.pop(key, None)
-    if info is not None:
-        model.metadata_props[EXPORT_KEY] = json.dumps(info, separators=(",", ":"))
     # Stacked shapes (T·N rows) are stale in a per-group graph: infer them again.
     outs = {o: (o.dtype, o.shape) for o in g.outputs}
     for node in g:
@@ -396,8 +394,18 @@ def finish(model: ir.Model, *, order: list[str], fold_bn: bool = False, resize_m
             o.shape = shape
         if o.dtype is None and dt is not None:
             o.dtype = dt
+    slimmed: dict[str, Any] = {}
+    if slim:
+        model, slimmed = slim_masks(model)
+        g = model.graph
+    if fold_bn:
+        fold_batchnorm(model)
     if resize_matmul:
         resize_as_matmul(model)  # after inference: it needs the input shapes
+    if info is not None:
+        if slimmed.get("removed"):
+            info = {**info, "slimmed": slimmed}
+        model.metadata_props[EXPORT_KEY] = json.dumps(info, separators=(",", ":"))
     check(model)
     return model
 
