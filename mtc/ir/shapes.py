@@ -27,7 +27,7 @@ def _proto_without_weights(model: ir.Model) -> onnx.ModelProto:
                 continue
             swapped.append((v, t))
             v.const_value = ir.ExternalTensor("mtc-weights-not-loaded", offset=0, length=t.nbytes, dtype=t.dtype,
-                                              shape=ir.Shape(list(t.shape)), name=v.name or "", base_dir="")
+                                              shape=ir.Shape([int(d) for d in t.shape.numpy()]), name=v.name or "", base_dir="")
         return ir.to_proto(model)
     finally:
         for v, t in swapped:
