@@ -278,6 +278,8 @@ def _print_supergraph(sup: dict[str, Any]) -> None:
               f"op-choice search space ≈ 10^{ss['log10_size']} plans")
     if "vcns" in sup:
         con.print(f"{sup['vcns']} VCNs; skips: " + ", ".join(f"{k} {n}" for k, n in sup.get("skips", {}).items()))
+        for v in sup.get("without_skip", []):
+            con.print(f"  VCN {v['vcn']} has no skip (shared or task-specific only): {v['why']}")
     p = sup["params"]
     t = Table(title="Parameters by part")
     for col in ("shared", "options (copies, skips)", "heads"):

@@ -82,7 +82,9 @@ class AutoMtl(Space):
     def summary(self, model: ir.Model) -> dict[str, Any]:
         snap = self.snapshot(model)
         return {"vcns": snap["vcns"]["count"], "skips": snap["vcns"]["skips"], "units": snap["vcns"]["units"],
-                "params_specific": snap["params"]["specific"], "params_skip": snap["params"]["skip"]}
+                "params_specific": snap["params"]["specific"], "params_skip": snap["params"]["skip"],
+                # units that keep only shared/specific: no skip can produce their output
+                "without_skip": [{"vcn": v.name, "why": v.no_skip} for v in vcns_of(model) if v.options < 3]}
 
 
 register_strategy(AutoMtl, "gumbel", "AutoMTL: pre-train, then weights and policy alternately (Gumbel-softmax, "

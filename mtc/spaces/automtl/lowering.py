@@ -40,7 +40,7 @@ class AutoMtlControls(Controls):
     vcns: frozenset[str] = frozenset()
     _order: list[str] = field(default_factory=list)
     _logits: list[torch.Tensor] | None = None
-    _sampled: torch.Tensor | None = None
+    _sampled: dict[int, torch.Tensor] | None = None
 
     def bind(self, module: GraphModule) -> None:
         super().bind(module)
@@ -60,10 +60,16 @@ class AutoMtlControls(Controls):
         if self.mode != "gumbel":
             raise RuntimeError(f"mode '{self.mode}' needs a specialised module: use lower_supergraph(mode='fixed')")
         if self._sampled is None:
-            # One Gumbel-softmax call per forward pass for all VCNs (many tiny calls per gate
-            # cost more than the mixing itself on small nets).
+            # One Gumbel-softmax call per forward pass for all VCNs of one option count (many tiny
+            # calls per gate cost more than the mixing itself on small nets).
             assert self._logits is not None
-            self._sampled = F.gumbel_softmax(torch.stack(self._logits), tau=self.tau, hard=self.hard, dim=-1)
+            self._sampled = {}
+            for k in sorted({t.shape[-1] for t in self._logits}):
+                idx = [i for i, t in enumerate(self._logits) if t.shape[-1] == k]
+                draw = F.gumbel_softmax(torch.stack([self._logits[i] for i in idx]), tau=self.tau, hard=self.hard,
+                                        dim=-1)
+                for j, i in enumerate(idx):
+                    self._sampled[i] = draw[j]
         w = self._sampled[self._index[choice]]
         self.weights[choice] = w.detach()
         return w

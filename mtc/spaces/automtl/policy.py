@@ -41,6 +41,8 @@ class VcnRecord:
     skip_params: int = 0  # per task
     skip_macs: int = 0  # per task
     copies: dict[str, list[str]] = field(default_factory=dict)  # task -> copy node names
+    options: int = 3  # 2 when no skip can match the unit's output (skip == "none")
+    no_skip: str = ""  # why, then
 
 
 def is_vcn(c: sg.ChoicePoint) -> bool:
@@ -52,14 +54,18 @@ def vcns_of(model: ir.Model) -> list[VcnRecord]:
     out = []
     vcns = [c for c in sg.choices_of(model, "op") if is_vcn(c)]
     for depth, c in enumerate(vcns, start=1):
-        shared, specific, skip = (c.option(n) for n in OPTIONS)
+        shared, specific = c.option("shared"), c.option("specific")
+        skip = c.option("skip") if "skip" in c.option_names else None
         copies = {t: list(v) for t, v in dict(specific.nodes).items()}  # type: ignore[arg-type]
         for t, v in shared.info.get("task_nodes", {}).items():
             copies.setdefault(t, []).extend(v)
         out.append(VcnRecord(
             name=c.name, depth=depth, nodes=list(c.info.get("unit", shared.nodes)), input=c.input, output=c.output,
-            gate=c.node, policy=c.logits or f"{c.name}.policy", skip=str(skip.info.get("skip", "identity")),
-            params=shared.params, macs=shared.macs, skip_params=skip.params, skip_macs=skip.macs, copies=copies))
+            gate=c.node, policy=c.logits or f"{c.name}.policy",
+            skip=str(skip.info.get("skip", "identity")) if skip is not None else "none",
+            params=shared.params, macs=shared.macs, skip_params=skip.params if skip else 0,
+            skip_macs=skip.macs if skip else 0, copies=copies, options=len(c.options),
+            no_skip=str(c.info.get("no_skip", ""))))
     return out
 
 
@@ -71,17 +77,27 @@ class Policy:
 
     @classmethod
     def uniform(cls, model: ir.Model, option: int | str) -> Policy:
+        """Every task and VCN on one option. Raises MtcError for ``skip`` when a VCN has none."""
         idx = OPTIONS.index(option) if isinstance(option, str) else int(option)
         tasks = sg.task_names(model)
-        return cls({v.name: dict.fromkeys(tasks, idx) for v in vcns_of(model)})
+        vcns = vcns_of(model)
+        lacking = [v for v in vcns if idx >= v.options]
+        if lacking:
+            raise MtcError(f"VCN '{lacking[0].name}' has no option '{OPTIONS[idx]}' ({lacking[0].no_skip})")
+        return cls({v.name: dict.fromkeys(tasks, idx) for v in vcns})
 
     @classmethod
     def random(cls, model: ir.Model, seed: int = 0, p: Sequence[float] = (1 / 3, 1 / 3, 1 / 3)) -> Policy:
+        """Options drawn with probabilities ``p`` (renormalised over a VCN's options)."""
         import numpy as np
 
         rng = np.random.default_rng(seed)
         tasks = sg.task_names(model)
-        return cls({v.name: {t: int(rng.choice(3, p=list(p))) for t in tasks} for v in vcns_of(model)})
+        out = {}
+        for v in vcns_of(model):
+            q = np.asarray(p[:v.options], dtype=np.float64)
+            out[v.name] = {t: int(rng.choice(v.options, p=q / q.sum())) for t in tasks}
+        return cls(out)
 
     @classmethod
     def from_json(cls, data: dict[str, Any], *, source: str | None = None) -> Policy:
@@ -112,7 +128,8 @@ class Policy:
     def validate(self, model: ir.Model, *, source: str | None = None) -> None:
         """The policy names exactly the supergraph's VCNs and tasks, with options 0..2."""
         tasks = sg.task_names(model)
-        vcns = [v.name for v in vcns_of(model)]
+        records = {v.name: v for v in vcns_of(model)}
+        vcns = list(records)
         missing = [v for v in vcns if v not in self.choices]
         extra = [v for v in self.choices if v not in set(vcns)]
         if missing or extra:
@@ -125,6 +142,10 @@ class Policy:
             bad = [t for t, c in per.items() if c not in (0, 1, 2)]
             if bad:
                 raise MtcError(f"policy for VCN '{v}', task '{bad[0]}': option {per[bad[0]]} is not 0, 1 or 2",
+                               file=source)
+            no = [t for t, c in per.items() if c >= records[v].options]
+            if no:
+                raise MtcError(f"policy for VCN '{v}', task '{no[0]}': the VCN has no skip ({records[v].no_skip})",
                                file=source)
 
 

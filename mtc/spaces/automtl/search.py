@@ -58,7 +58,9 @@ def policy_regularizer(logits: Mapping[str, torch.Tensor], depths: Mapping[str, 
     total: torch.Tensor | None = None
     for v, t in logits.items():
         p = F.softmax(t, dim=-1)
-        term = F.softplus(p[:, 1] - p[:, 0]) + F.softplus(p[:, 2] - p[:, 0])
+        term = F.softplus(p[:, 1] - p[:, 0])
+        if p.shape[-1] > 2:  # a VCN without a skip has no skip term
+            term = term + F.softplus(p[:, 2] - p[:, 0])
         w = (big_l - depths[v]) / big_l
         contrib = w * term.sum()
         total = contrib if total is None else total + contrib

@@ -24,6 +24,7 @@ Task heads (nodes tagged ``mtc.task``) read their task's slice of the feature.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import onnx_ir as ir
@@ -131,10 +132,13 @@ class Vcn(Pass):
         skip_nodes: dict[str, list[str]] = {}
         norm_copies: dict[str, list[str]] = {}
         skip_kind, skip_params, skip_macs = "identity", 0, 0
+        no_skip = self._no_skip(x, y, head)
         for t in self.tasks:
             spec, names = self._clone(unit, self.s.slice(x, t), t, t)
             specific.append(spec)
             copies[t] = names
+            if no_skip is not None:
+                continue
             xt = self.s.slice(x, t)
             mark = len(self.s.log)
             sk, skip_kind, skip_params, skip_macs = self._skip(x, y, xt, name, t, head)
@@ -151,7 +155,8 @@ class Vcn(Pass):
             else:
                 shared.append(self.s.slice(y, t))
 
-        gate = self.s.gate(name, OPTIONS, [shared, specific, skips], y, y_name, depth=depth, origin_=origin(head))
+        options, values = (OPTIONS, [shared, specific, skips]) if no_skip is None else (OPTIONS[:2], [shared, specific])
+        gate = self.s.gate(name, options, values, y, y_name, depth=depth, origin_=origin(head))
         out = gate.outputs[0]
         self.s.redirect(y, out, uses, was_output)
         stacked_nodes = [node_name(n) for n in unit]
@@ -161,75 +166,175 @@ class Vcn(Pass):
                 self.g.remove(n, safe=True)
             stacked_nodes = stacked_nodes[:1]
         info: dict = {"space": SPACE, "unit": [node_name(n) for n in unit]}
+        if no_skip is not None:
+            info["no_skip"] = no_skip
         shared_info = {"task_nodes": norm_copies} if norm_shared else {}
-        return sg.ChoicePoint(
-            kind="op", name=name, node=node_name(gate), input=x.name, output=y_name, depth=depth,
-            logits=f"{name}.policy", info=info,
-            options=[
-                sg.OptionRecord("shared", sg.STACKED, stacked_nodes, entry=[name], params=params, macs=macs,
-                                info=shared_info),
-                sg.OptionRecord("specific", sg.PER_TASK, copies, params=params, macs=macs),
-                sg.OptionRecord("skip", sg.PER_TASK, skip_nodes, params=skip_params, macs=skip_macs,
-                                info={"skip": skip_kind}),
-            ],
-        )
+        records = [
+            sg.OptionRecord("shared", sg.STACKED, stacked_nodes, entry=[name], params=params, macs=macs,
+                            info=shared_info),
+            sg.OptionRecord("specific", sg.PER_TASK, copies, params=params, macs=macs),
+        ]
+        if no_skip is None:
+            records.append(sg.OptionRecord("skip", sg.PER_TASK, skip_nodes, params=skip_params, macs=skip_macs,
+                                           info={"skip": skip_kind}))
+        return sg.ChoicePoint(kind="op", name=name, node=node_name(gate), input=x.name, output=y_name, depth=depth,
+                              logits=f"{name}.policy", info=info, options=records)
+
+    # ------------------------------------------------------------------ skips
+    @staticmethod
+    def _channel_axis(head: ir.Node, rank: int) -> int:
+        """Where a unit keeps its channels: axis 1 (Conv, BN, Gemm), the last for MatMul and
+        LayerNormalization (channels-last blocks: Linear over the last axis of [N, H, W, C])."""
+        if head.op_type == "MatMul" or (head.op_type == "LayerNormalization" and rank > 2):
+            return rank - 1
+        return 1
+
+    @staticmethod
+    def _conv_geometry(head: ir.Node, axis: int) -> tuple[int, int, int]:
+        """(stride, effective kernel, leading pad) of spatial axis ``axis`` (0-based among them)."""
+        def attr(key: str, default: list[int]) -> list[int]:
+            a = head.attributes.get(key)
+            return [int(v) for v in a.as_ints()] if a is not None else default
+
+        w = head.inputs[1] if len(head.inputs) > 1 else None
+        k = int(w.shape.numpy()[2 + axis]) if w is not None and w.shape is not None and len(w.shape) > 2 + axis else 1
+        strides, dil, pads = attr("strides", []), attr("dilations", []), attr("pads", [])
+        s = strides[axis] if axis < len(strides) else 1
+        d = dil[axis] if axis < len(dil) else 1
+        p = pads[axis] if axis < len(pads) else 0
+        return s, d * (k - 1) + 1, p
+
+    def _spatial(self, xs: tuple[int, ...], ys: tuple[int, ...], head: ir.Node,
+                 ch: int) -> list[tuple[str, int, int]] | str:
+        """Per spatial axis, how the skip maps the input's size to the output's: ``("same",)``,
+        ``("grid", start, step)`` (the samples a strided 1x1 conv at the kernel's centre would read)
+        or ``("up",)`` (nearest upsampling); a string when no skip can match (the reason)."""
+        plan: list[tuple[str, int, int]] = []
+        spatial = [ax for ax in range(1, len(xs)) if ax != ch]
+        for i, ax in enumerate(spatial):
+            a, b = xs[ax], ys[ax]
+            if a == b:
+                plan.append(("same", 0, 1))
+            elif b > a:
+                plan.append(("up", 0, 1))
+            else:
+                # The first stride that samples b of a positions from 0 (a same-padded strided unit)...
+                s0 = next((s for s in range(1, a + 1) if (a - 1) // s + 1 == b), None)
+                if s0 is not None:
+                    plan.append(("grid", 0, s0))
+                    continue
+                # ... else the positions the unit's kernel centres fall on (a convolution without
+                # padding, a strided stem on an odd size).
+                if head.op_type != "Conv":
+                    return f"axis {ax} goes from {a} to {b}, which no strided sampling of a {head.op_type} matches"
+                s, k, p = self._conv_geometry(head, i)
+                start = (k - 1) // 2 - p
+                if start < 0 or start + (b - 1) * s > a - 1:
+                    return f"axis {ax} goes from {a} to {b}: the kernel centres fall outside the input"
+                plan.append(("grid", start, s))
+        return plan
+
+    def _no_skip(self, x: ir.Value, y: ir.Value, head: ir.Node) -> str | None:
+        """Why the unit can have no skip (None when it can)."""
+        xs, ys = static_dims(x), static_dims(y)
+        if xs is None or ys is None:
+            return f"the skip needs static shapes, got {x.name}={xs} and {y.name}={ys}"
+        if xs == ys:
+            return None
+        if len(xs) != len(ys):
+            return f"the unit maps rank {len(xs)} to rank {len(ys)}"
+        plan = self._spatial(xs, ys, head, self._channel_axis(head, len(xs)))
+        return plan if isinstance(plan, str) else None
 
     def _skip(self, x: ir.Value, y: ir.Value, xt: ir.Value, name: str, task: str,
               head: ir.Node) -> tuple[ir.Value, str, int, int]:
         """The skip option, always cheaper than the unit it replaces (AutoMTL: a task skips an
-        operator "for improved model efficiency").
+        operator "for improved model efficiency"). :meth:`_no_skip` says first whether there is one.
 
         - ``identity`` when input and output shapes agree;
         - ``downsample`` for a Conv with a kernel larger than 1x1: a strided 1x1 Conv with the
-          unit's ``group`` + BatchNormalization (a depthwise unit gets a depthwise skip);
-        - ``select`` otherwise (1x1 Convs, Gemm/MatMul): no parameters and no MACs; the spatial
-          stride is a strided ``Slice`` (the samples a strided 1x1 Conv would read) and channel
-          ``c`` of the output is input channel ``c mod C_in`` (a ``Gather``), so fewer channels
-          keep the first ones and more channels repeat them.
+          unit's ``group`` + BatchNormalization (a depthwise unit gets a depthwise skip), after a
+          crop to the unit's kernel centres when the unit has no padding;
+        - ``select`` otherwise (1x1 Convs, Gemm/MatMul, channels-last Linear layers, upsampling
+          units): no parameters and no MACs. The spatial sampling is a strided ``Slice`` (the
+          samples a strided 1x1 conv would read) or a nearest ``Resize`` up to the output's size,
+          and channel ``c`` of the output is input channel ``c mod C_in`` (a ``Gather`` on the
+          channel axis), so fewer channels keep the first ones and more channels repeat them.
         """
         xs, ys = static_dims(x), static_dims(y)
+        assert xs is not None and ys is not None  # _no_skip checked
         base = f"{name}@{task}.skip"
         meta = {ORIGIN_KEY: origin(head) or name, TASK_KEY: task}
-        where = dict(pass_name=self.name, node=head.name, op=head.op_type, origin=origin(head))
-        if xs is None or ys is None:
-            raise MtcError(f"the skip option needs static shapes, got {x.name}={xs} and {y.name}={ys}", **where)
         if xs == ys:
             n = ir.node("Identity", [xt], name=base)
             n.metadata_props.update(meta)
             self.s.finish(n, base, y)
             return n.outputs[0], "identity", 0, 0
-        if len(xs) != len(ys) or len(xs) not in (2, 4):
-            raise MtcError(f"no skip for a unit from {list(xs)} to {list(ys)}", **where)
-        strides = []
-        for a, b_ in zip(xs[2:], ys[2:], strict=True):
-            s = next((s for s in range(1, a + 1) if (a - 1) // s + 1 == b_), None)
-            if s is None:
-                raise MtcError(f"the skip cannot map {list(xs)} to {list(ys)} by striding "
-                               "(upsampling units have no skip yet)", **where)
-            strides.append(s)
-        cin, cout = xs[1], ys[1]
+        ch = self._channel_axis(head, len(xs))
+        plan = self._spatial(xs, ys, head, ch)
+        assert not isinstance(plan, str)  # _no_skip checked
+        spatial = [ax for ax in range(1, len(xs)) if ax != ch]
+        cin, cout = xs[ch], ys[ch]
         w = head.inputs[1] if head.op_type == "Conv" and len(head.inputs) > 1 else None
         kernel = math.prod(w.shape.numpy()[2:]) if w is not None and w.shape is not None else 1
-        if kernel > 1 and len(xs) == 4:
-            return self._conv_skip(xt, y, base, meta, head, cin, cout, strides, ys)
+        grid = [(ax, st, step) for ax, (kind, st, step) in zip(spatial, plan, strict=True) if kind == "grid"]
+        up = any(kind == "up" for kind, _, _ in plan)
         cur = xt
-        if any(s > 1 for s in strides):
-            k = len(strides)
-            ins = [cur] + [self.s.const(f"{name}.skip.{what}", np.array(v, np.int64))
-                           for what, v in (("starts", [0] * k), ("ends", list(xs[2:])),
-                                           ("axes", list(range(2, 2 + k))), ("steps", strides))]
-            n = ir.node("Slice", ins, name=f"{base}.stride" if cin != cout else base)
-            n.metadata_props.update(meta)
-            self.s.finish(n, n.name or base, y)
-            n.outputs[0].shape = ir.Shape([y.shape[0] if y.shape is not None else xs[0], cin, *ys[2:]])
-            cur = n.outputs[0]
+        batch = y.shape[0] if y.shape is not None else xs[0]
+        if kernel > 1 and len(xs) == 4 and ch == 1 and not up:
+            offsets = [st for _, st, _ in grid]
+            if any(offsets):
+                # a crop to the kernel centres, then the strided 1x1 conv samples them
+                axes = [ax for ax, _, _ in grid]
+                ends = [st + (ys[ax] - 1) * step + 1 for ax, st, step in grid]
+                cur = self._slice_node(cur, name, base + ".crop", meta, y, axes, offsets, ends, [1] * len(axes),
+                                       [batch, cin, *[e - o for e, o in zip(ends, offsets, strict=True)]])
+            strides = [step if kind == "grid" else 1 for kind, _, step in plan]
+            return self._conv_skip(cur, y, base, meta, head, cin, cout, strides, ys)
+        if grid and any(step > 1 or st > 0 for _, st, step in grid):
+            axes = [ax for ax, _, _ in grid]
+            shape: list[Any] = list(xs)
+            shape[0] = batch
+            for ax, _, _ in grid:
+                shape[ax] = ys[ax]
+            cur = self._slice_node(cur, name, f"{base}.stride" if (cin != cout or up) else base, meta, y, axes,
+                                   [st for _, st, _ in grid], [st + (ys[ax] - 1) * step + 1 for ax, st, step in grid],
+                                   [step for _, _, step in grid], shape)
+        if up:
+            axes = [ax for ax, (kind, _, _) in zip(spatial, plan, strict=True) if kind != "same"]
+            sizes = self.s.const(f"{name}.skip.sizes", np.array([ys[ax] for ax in axes], np.int64))
+            rz = ir.node("Resize", [cur, None, None, sizes], name=f"{base}.up" if cin != cout else base,
+                         attributes={"mode": ir.AttrString("mode", "nearest"),
+                                     "axes": ir.AttrInt64s("axes", axes),
+                                     "coordinate_transformation_mode": ir.AttrString(
+                                         "coordinate_transformation_mode", "asymmetric"),
+                                     "nearest_mode": ir.AttrString("nearest_mode", "floor")})
+            rz.metadata_props.update(meta)
+            self.s.finish(rz, rz.name or base, y)
+            rz.outputs[0].shape = ir.Shape([batch] + [xs[ch] if i == ch else ys[i] for i in range(1, len(xs))])
+            cur = rz.outputs[0]
         if cin != cout:
             idx = self.s.const(f"{name}.skip.channels", np.arange(cout, dtype=np.int64) % cin)
-            n = ir.node("Gather", [cur, idx], name=base, attributes={"axis": ir.AttrInt64("axis", 1)})
+            n = ir.node("Gather", [cur, idx], name=base, attributes={"axis": ir.AttrInt64("axis", ch)})
             n.metadata_props.update(meta)
             self.s.finish(n, base, y)
             cur = n.outputs[0]
         return cur, "select", 0, 0
+
+    def _slice_node(self, x: ir.Value, name: str, node_name_: str, meta: dict[str, str], like: ir.Value,
+                    axes: list[int], starts: list[int], ends: list[int], steps: list[int],
+                    shape: list[Any]) -> ir.Value:
+        k = len(axes)
+        suffix = "" if all(s == 0 for s in starts) and node_name_.endswith((".stride", ".skip")) else ".c"
+        tag = f"{name}.skip{suffix}"
+        ins = [x] + [self.s.const(f"{tag}.{what}", np.array(v, np.int64))
+                     for what, v in (("starts", starts), ("ends", ends), ("axes", axes), ("steps", steps))]
+        del k
+        n = ir.node("Slice", ins, name=node_name_)
+        n.metadata_props.update(meta)
+        self.s.finish(n, node_name_, like)
+        n.outputs[0].shape = ir.Shape(shape)
+        return n.outputs[0]
 
     def _conv_skip(self, xt: ir.Value, y: ir.Value, base: str, meta: dict[str, str], head: ir.Node,
                    cin: int, cout: int, strides: list[int], ys: tuple[int, ...]) -> tuple[ir.Value, str, int, int]:
