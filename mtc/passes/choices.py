@@ -12,6 +12,7 @@ Spaces decide *where* (their paper's sites and defaults) and call these; the pas
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import onnx_ir as ir
@@ -65,16 +66,19 @@ class BlockChoices(Pass):
         copies: options per block (``copy0`` is the original nodes, the others ``CopyOf`` clones).
         logits: give each Gate ``[T, copies]`` zero logits (for a gradient-based strategy).
         space: the space recorded in the choice points.
+        space_options: more of the space's compile options to record in ``mtc.space`` (JSON scalars).
     """
 
     name = "block-choices"
     options = ("boundaries", "copies", "logits", "space")
 
-    def __init__(self, *, boundaries: Sequence[str], copies: int, logits: bool = True, space: str = MANUAL) -> None:
+    def __init__(self, *, boundaries: Sequence[str], copies: int, logits: bool = True, space: str = MANUAL,
+                 space_options: dict[str, Any] | None = None) -> None:
         self.boundaries = list(boundaries)
         self.copies = int(copies)
         self.logits = logits
         self.space = space
+        self.space_options = dict(space_options or {})
 
     def requires(self, model: ir.Model) -> None:
         if not sg.task_names(model):
@@ -99,7 +103,7 @@ class BlockChoices(Pass):
             records.append(rec)
         model.graph.sort()
         sg.add_choices(model, records)
-        sg.set_space(model, self.space, 1, {"block_copies": self.copies})
+        sg.set_space(model, self.space, 1, {"block_copies": self.copies, **self.space_options})
         return PassResult(model, True)
 
     def _block(self, s: Streams, model: ir.Model, nodes: list[ir.Node], x: ir.Value, y: ir.Value,

@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 
 DEFAULT_SPACE = "automtl"
 #: The spaces shipped with mtc (imported on first use of the registry).
-BUILTIN = ("mtc.spaces.automtl",)
+BUILTIN = ("mtc.spaces.automtl", "mtc.spaces.branched")
 
 
 # ------------------------------------------------------------------------------------------ options
@@ -295,6 +295,21 @@ class Space:
     def summary(self, model: ir.Model) -> dict[str, Any]:
         """What ``mtc inspect`` shows of the space."""
         return {}
+
+    def describe_plan(self, model: ir.Model, plan: Plan) -> str:
+        """A plan as text for a person (``mtc search`` prints it); empty: nothing beyond the counts."""
+        return ""
+
+    def init_from_baselines(self, model: ir.Model, plan: Plan, baselines: str | Path) -> dict[str, torch.Tensor]:
+        """Initial weights (by IR name) of ``plan``'s network taken from the single-task models of an
+        ``mtc baseline`` run (``mtc train --init-from-baselines DIR``).
+
+        Raises:
+            MtcError: the space does not map single-task models onto its plans (the default), or the
+                baselines do not fit the supergraph.
+        """
+        raise MtcError(f"--init-from-baselines: space '{self.name}' cannot start its plans from single-task "
+                       "models")
 
     def strategy(self, name: str | None) -> type[Strategy]:
         key = name or self.default_strategy
