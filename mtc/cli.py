@@ -556,6 +556,9 @@ def search_cmd(supergraph: str, data: str, run_dir: str, strategy: str | None, t
                       progress=not quiet)
     decided = sum(len(per) for per in plan.ops.values())
     firsts = sum(1 for c, per in plan.ops.items() for o in per.values() if o == _first_option(model, c))
+    text = space.describe_plan(model, plan)  # the space's own view of the plan (a tree, say)
+    if text:
+        click.echo(text)
     click.echo(f"plan: {firsts}/{decided} task-choice decisions on the first option (shared); wrote "
                f"{run.file('plan.json')}")
 
@@ -579,11 +582,14 @@ def _first_option(model, choice: str) -> str:
               help="A plan (or AutoMTL policy) JSON to train instead of the run's plan.json.")
 @click.option("--baselines", type=click.Path(file_okay=False), default=None,
               help="A mtc baseline run directory: adds Δt_i and Δt (AutoMTL Eq. 5) to metrics.json.")
+@click.option("--init-from-baselines", "init_from", type=click.Path(file_okay=False), default=None, metavar="DIR",
+              help="Start from the single-task models of a mtc baseline run, as the space maps them onto the plan "
+                   "(branched: each group's copy of a block from one of its tasks' models).")
 @click.option("--resume", is_flag=True)
 @_run_options
 def train_cmd(run_dir: str, steps: int, lr: float, keep_weights: bool, plan_file: str | None,
               baselines: str | None, resume: bool, batch_size: int, checkpoint_every: int, device: str | None,
-              amp: bool, quiet: bool) -> None:
+              amp: bool, quiet: bool, init_from: str | None = None) -> None:
     """Post-train: train the plan's network (the derived multi-task model), then evaluate every task."""
     from mtc.data import load_data
     from mtc.export.api import read_plan
@@ -601,8 +607,14 @@ def train_cmd(run_dir: str, steps: int, lr: float, keep_weights: bool, plan_file
     seed = int(cfg.get("seed", 0))
     train, val = load_data(cfg["data"], tasks, _input_chw(model), seed)
     searched = module_tensors(run.load_checkpoint("search")[0]) if keep_weights else None
+    if init_from is not None:
+        if keep_weights:
+            raise MtcError("--init-from-baselines and --keep-weights exclude each other")
+        from mtc.spaces import space_of_model
+
+        searched = space_of_model(model).init_from_baselines(model, plan, init_from)
     opts = TrainOptions(steps=steps, batch_size=batch_size, lr=lr, checkpoint_every=checkpoint_every, seed=seed,
-                        keep_weights=keep_weights, amp=amp)
+                        keep_weights=keep_weights or init_from is not None, amp=amp)
     dev = _device(device, amp)
     result = run_train(run, model, plan, train, val, opts, device=dev, resume=resume, progress=not quiet,
                        searched_state=searched)
