@@ -19,11 +19,16 @@ All tasks of a sample share one input, so when the task list has ``rotated`` (or
 every input is rotated by a seeded random ``k`` in ``0..rotations-1`` and the other tasks must
 recognise rotated digits; without it inputs are upright. ``rotations=2`` gives the binary variant
 (upright or rotated by 90°).
+
+A task named ``NAME_k`` (``k`` digits, e.g. ``digit_2``, ``rotated_2``) is a copy of task ``NAME``:
+the same targets on the same inputs. Two copies of the digit task and two of the rotated one are
+mtc's counterpart of the Gumbel-Matrix paper's 4-MNISTs (tasks that should share with their copy).
 """
 
 from __future__ import annotations
 
 import functools
+import re
 
 import numpy as np
 import torch
@@ -57,6 +62,17 @@ def _load() -> tuple[np.ndarray, np.ndarray]:
     return images, labels
 
 
+_COPY = re.compile(r"(.+)_[0-9]+")
+
+
+def base_task(name: str) -> str:
+    """The task a name stands for: ``NAME`` itself, or ``NAME`` for a copy named ``NAME_k``."""
+    if name in DIGIT_TASKS:
+        return name
+    m = _COPY.fullmatch(name)
+    return m.group(1) if m is not None and m.group(1) in DIGIT_TASKS else name
+
+
 def _label(name: str, digit: int, k: int) -> int:
     if name == "digit":
         return digit
@@ -81,7 +97,8 @@ def make_digits(
     """Train and val sets of digit tasks.
 
     Args:
-        tasks: tasks of kind ``class`` named ``digit``, ``parity``, ``ge5`` or ``rotated``.
+        tasks: tasks of kind ``class`` named ``digit``, ``parity``, ``ge5`` or ``rotated``, or
+            ``NAME_k`` for a copy of ``NAME``.
         input_shape: ``(C, H, W)`` of the backbone.
         seed: seeds the train/val split and the rotations.
         val_fraction: share of the 1797 images held out for validation (a seeded permutation).
@@ -91,14 +108,15 @@ def make_digits(
         partial_tasks: comma-separated tasks ``label_fraction`` applies to (default: all).
     """
     for t in tasks:
-        if t.name not in DIGIT_TASKS:
-            raise MtcError(f"digits has no task '{t.name}' (known: {', '.join(DIGIT_TASKS)})")
+        if base_task(t.name) not in DIGIT_TASKS:
+            raise MtcError(f"digits has no task '{t.name}' (known: {', '.join(DIGIT_TASKS)}); NAME_k names a copy "
+                           "of task NAME")
         if t.kind != "class":
             raise MtcError(f"digits task '{t.name}' must be of kind class, got {t.kind}")
     if rotations not in (2, 4):
         raise MtcError(f"option rotations must be 2 or 4, got {rotations}")
     for t in tasks:
-        need = rotations if t.name == "rotated" else DIGIT_TASKS[t.name]
+        need = rotations if base_task(t.name) == "rotated" else DIGIT_TASKS[base_task(t.name)]
         if t.channels < need:
             raise MtcError(f"digits task '{t.name}' has {need} classes; it needs at least {need} channels, got {t.channels}")
     check_fraction("val_fraction", val_fraction)
@@ -110,11 +128,11 @@ def make_digits(
     perm = rng(seed, 0xD161).permutation(n)
     parts = (np.sort(perm[n_val:]), np.sort(perm[:n_val]))
     if rotate is None:
-        rotate = any(t.name == "rotated" for t in tasks)
+        rotate = any(base_task(t.name) == "rotated" for t in tasks)
     # One rotation per image (not per split or task list order), so it is part of the image's identity.
     ks = rng(seed, 0x0907).integers(0, rotations, n) if rotate else np.zeros(n, dtype=np.int64)
     c, h, w = input_shape
-    names = [t.name for t in tasks]
+    names = [(t.name, base_task(t.name)) for t in tasks]
 
     def maker(index: np.ndarray):
         def make(i: int):
@@ -125,7 +143,7 @@ def make_digits(
             up = F.interpolate(img[None, None], size=(h, w), mode="bilinear", align_corners=False)[0]
             image = up.expand(c, h, w).contiguous()
             digit = int(labels[j])
-            return image, {name: torch.tensor(_label(name, digit, k), dtype=torch.int64) for name in names}
+            return image, {name: torch.tensor(_label(base, digit, k), dtype=torch.int64) for name, base in names}
 
         return make
 

@@ -10,6 +10,11 @@ The generator of Maziarz et al. (after Ma et al.'s MMoE):
 with the paper's constants ``d = 128, c = 1, m = 6, α_k = k, β_k = (k - 1)²``. The paper writes the
 noise as N(0, 0.01); we read 0.01 as the variance (``noise_var``), i.e. a standard deviation of 0.1.
 
+More than two tasks (2k of them, k pairs; the paper's Appendix A3 uses two pairs): task ``2j`` and
+``2j + 1`` form pair ``j`` with its own orthogonal ``u_{2j}, u_{2j+1}`` (``u1, u2`` of pair 0 are the
+two-task problem's), so ``ρ`` holds inside every pair and tasks of different pairs are unrelated
+(their weight vectors are orthogonal: ρ = 0 across pairs).
+
 Image-shaped input: ``x`` fills the ``(C, H, W)`` input in row-major order and repeats (tiles) until
 the image is full, so ``d`` may be smaller than ``C·H·W`` (``d=0`` means ``d = C·H·W``: a plain
 reshape). Every pixel is a copy of one coordinate of ``x``; the targets depend on ``x`` alone.
@@ -44,26 +49,34 @@ class RelatednessProblem:
     """
 
     def __init__(
-        self, d: int, rho: float, c: float, m: int, alphas: np.ndarray, betas: np.ndarray, seed: int
+        self, d: int, rho: float, c: float, m: int, alphas: np.ndarray, betas: np.ndarray, seed: int,
+        pairs: int = 1,
     ) -> None:
         g = rng(seed, 0x7E1A)
-        a, b = g.standard_normal(d), g.standard_normal(d)
-        u1 = a / np.linalg.norm(a)
-        b = b - (b @ u1) * u1  # Gram-Schmidt: u2 ⟂ u1
-        u2 = b / np.linalg.norm(b)
-        self.u1, self.u2 = u1, u2
-        self.w1 = c * u1
-        self.w2 = c * (rho * u1 + math.sqrt(max(0.0, 1.0 - rho * rho)) * u2)
+        # Draw order: pair 0's two vectors first, so the two-task problem is unchanged by ``pairs``.
+        us: list[np.ndarray] = []
+        for _ in range(2 * pairs):
+            b = g.standard_normal(d)
+            for u in us:  # Gram-Schmidt against every earlier vector
+                b = b - (b @ u) * u
+            us.append(b / np.linalg.norm(b))
+        self.u1, self.u2 = us[0], us[1]
+        self.us = us
+        s = math.sqrt(max(0.0, 1.0 - rho * rho))
+        #: one weight vector per task: pair j is (c u_2j, c (ρ u_2j + sqrt(1 - ρ²) u_2j+1))
+        self.ws = [w for j in range(pairs) for w in (c * us[2 * j], c * (rho * us[2 * j] + s * us[2 * j + 1]))]
+        self.w1, self.w2 = self.ws[0], self.ws[1]
         self.alphas = alphas
         self.betas = betas
 
-    def clean(self, x: np.ndarray) -> tuple[float, float]:
-        """The noise-free targets of input ``x`` (shape ``(d,)``, or ``(n, d)`` for arrays of n)."""
+    def clean(self, x: np.ndarray) -> tuple[float, ...]:
+        """The noise-free targets of input ``x`` (shape ``(d,)``, or ``(n, d)`` for arrays of n),
+        one per task."""
         out = []
-        for w in (self.w1, self.w2):
+        for w in self.ws:
             s = x @ w
             out.append(s + np.sin(np.multiply.outer(s, self.alphas) + self.betas).sum(-1))
-        return out[0], out[1]
+        return tuple(out)
 
 
 def _sequence(name: str, text: str, m: int, default: np.ndarray) -> np.ndarray:
@@ -98,7 +111,8 @@ def make_relatedness(
     """Train and val sets of the synthetic two-task regression.
 
     Args:
-        tasks: exactly two tasks of kind ``regress`` with 1 channel; the first gets ``w1``.
+        tasks: two tasks of kind ``regress`` with 1 channel (the first gets ``w1``), or 2k of them:
+            k pairs, ρ inside each pair, unrelated across pairs (Appendix A3: two pairs).
         input_shape: ``(C, H, W)``; ``x`` is tiled into it.
         seed: seeds ``u1, u2`` and every sample.
         rho: task relatedness ρ in [0, 1] (the paper sweeps it; 0.5 is our middle default).
@@ -113,10 +127,10 @@ def make_relatedness(
         partial_tasks: comma-separated tasks ``label_fraction`` applies to (default: all).
     """
     names = ", ".join(f"{t.name} ({t.kind}:{t.channels})" for t in tasks)
-    if len(tasks) != 2 or any(t.kind != "regress" or t.channels != 1 for t in tasks):
+    if len(tasks) < 2 or len(tasks) % 2 or any(t.kind != "regress" or t.channels != 1 for t in tasks):
         raise MtcError(
             f"relatedness needs exactly two tasks of kind regress with 1 channel "
-            f"(e.g. --tasks y1:regress,y2:regress), got {names or 'none'}"
+            f"(e.g. --tasks y1:regress,y2:regress), or pairs of them (4, 6, ... tasks), got {names or 'none'}"
         )
     if not 0.0 <= rho <= 1.0:
         raise MtcError(f"option rho must lie in [0, 1], got {rho}")
@@ -129,24 +143,27 @@ def make_relatedness(
     if noise_var < 0:
         raise MtcError(f"option noise_var must be >= 0, got {noise_var}")
     k = np.arange(1, m + 1, dtype=np.float64)
+    pairs = len(tasks) // 2
+    if 2 * pairs > d:
+        raise MtcError(f"option d={d} is too small for {pairs} pairs of tasks: they need {2 * pairs} orthogonal "
+                       "directions")
     problem = RelatednessProblem(
-        d, rho, c, m, _sequence("alphas", alphas, m, k), _sequence("betas", betas, m, (k - 1.0) ** 2), seed
+        d, rho, c, m, _sequence("alphas", alphas, m, k), _sequence("betas", betas, m, (k - 1.0) ** 2), seed,
+        pairs=pairs,
     )
     std = math.sqrt(noise_var)
     reps = -(-size // d)
-    t1, t2 = tasks[0].name, tasks[1].name
+    names_ = [t.name for t in tasks]
 
     def maker(split: int):
         def make(i: int):
             g = rng(seed, split, i)
             x = g.standard_normal(d)
-            eps = g.standard_normal(2) * std
-            y1, y2 = problem.clean(x)
+            # The first two noise draws are the two-task problem's, whatever the number of pairs.
+            eps = g.standard_normal(len(names_)) * std
+            ys = problem.clean(x)
             image = np.tile(x, reps)[:size].reshape(input_shape)
-            targets = {
-                t1: np.array([y1 + eps[0]], dtype=np.float32),
-                t2: np.array([y2 + eps[1]], dtype=np.float32),
-            }
+            targets = {t: np.array([y + e], dtype=np.float32) for t, y, e in zip(names_, ys, eps, strict=True)}
             return as_sample(image, targets)
 
         return make
