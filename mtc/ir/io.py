@@ -49,6 +49,9 @@ def load(path: str | os.PathLike[str]) -> ir.Model:
                         raise MtcError(f"external data of '{v.name}' cannot be read: {e}", file=str(p)) from None
     except Exception as e:  # onnx_ir raises several types on malformed protos
         raise MtcError(f"cannot read the graph ({type(e).__name__}: {e})", file=str(p)) from None
+    from mtc.ir.seeded import decode
+
+    decode(model, file=str(p))
     return model
 
 
@@ -69,8 +72,13 @@ def save(model: ir.Model, path: str | os.PathLike[str], *, external_data: bool |
         external_data: store initializers in ``<name>.data`` next to the file; by default only
             when they exceed :data:`EXTERNAL_DATA_THRESHOLD`.
     """
+    from mtc.ir.seeded import encode
+
     dst = Path(path)
     dst.parent.mkdir(parents=True, exist_ok=True)
+    if model.metadata_props.get("mtc.format"):
+        # A supergraph keeps its untrained new weights as recipes (mtc.ir.seeded): nothing drawn, nothing written.
+        model = encode(model)
     if external_data is None:
         external_data = _nbytes(model) > EXTERNAL_DATA_THRESHOLD
     tmpdir = Path(tempfile.mkdtemp(prefix=".mtc-", dir=dst.parent))

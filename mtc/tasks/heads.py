@@ -29,9 +29,7 @@ lowering), so building heads spends no time in the random generator (5 heads of 
 
 from __future__ import annotations
 
-import math
-import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -40,6 +38,7 @@ import onnx_ir as ir
 from mtc.errors import MtcError
 from mtc.ir.names import ORIGIN_KEY, TASK_KEY
 from mtc.ir.names import head_prefix as _head_prefix
+from mtc.ir.seeded import SeededTensor
 from mtc.tasks.kinds import get_kind
 from mtc.tasks.spec import TaskSpec
 
@@ -54,10 +53,6 @@ def head_prefix(task: TaskSpec | str) -> str:
     """``head@{task}``: the prefix of the head's node and initializer names, and its origin."""
     return _head_prefix(task.name if isinstance(task, TaskSpec) else task)
 
-
-def _rng(seed: int, name: str) -> np.random.Generator:
-    # crc32, not hash(): Python salts string hashes per process.
-    return np.random.default_rng([int(seed) & 0xFFFFFFFF, zlib.crc32(name.encode())])
 
 
 class _Builder:
@@ -105,21 +100,10 @@ class _Builder:
         full = self._claim(f"{self.prefix}/{name}", self.value_names, "tensor")
         return self._register(full, ir.tensor(array, name=full))
 
-    def random_init(
-        self,
-        name: str,
-        shape: tuple[int, ...],
-        draw: Callable[[np.random.Generator, tuple[int, ...]], np.ndarray],
-    ) -> ir.Value:
-        """Register a float32 initializer drawn (lazily, once) by ``draw(rng, shape)``."""
+    def random_init(self, name: str, shape: tuple[int, ...], recipe: str) -> ir.Value:
+        """Register a float32 initializer drawn (lazily, once) by ``recipe`` (:mod:`mtc.ir.seeded`)."""
         full = self._claim(f"{self.prefix}/{name}", self.value_names, "tensor")
-        seed = self.seed
-
-        def make() -> ir.TensorProtocol:
-            return ir.tensor(draw(_rng(seed, full), shape).astype(np.float32, copy=False), name=full)
-
-        lazy = ir.LazyTensor(make, dtype=ir.DataType.FLOAT, shape=ir.Shape(shape), cache=True, name=full)
-        return self._register(full, lazy)
+        return self._register(full, SeededTensor(recipe, self.seed, shape, full))
 
     def _register(self, name: str, tensor: ir.TensorProtocol) -> ir.Value:
         v = ir.Value(name=name, const_value=tensor)
@@ -151,7 +135,7 @@ class _Builder:
     def conv(
         self, name: str, x: ir.Value, c_in: int, c_out: int, hw: tuple, *, k: int = 1, rate: int = 1
     ) -> ir.Value:
-        w = self.random_init(f"{name}.weight", (c_out, c_in, k, k), _kaiming_normal)
+        w = self.random_init(f"{name}.weight", (c_out, c_in, k, k), "kaiming_normal")
         b = self.init(f"{name}.bias", np.zeros(c_out, dtype=np.float32))
         pad = rate * (k - 1) // 2
         attrs = {
@@ -162,20 +146,6 @@ class _Builder:
             "group": 1,
         }
         return self.node("Conv", name, [x, w, b], [self.batch, c_out, *hw], attrs)
-
-
-def _kaiming_normal(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
-    """Kaiming normal, fan_out mode, ReLU gain: std = sqrt(2 / (C_out * prod(kernel)))."""
-    std = math.sqrt(2.0 / (shape[0] * math.prod(shape[2:])))
-    w = rng.standard_normal(shape, dtype=np.float32)
-    w *= np.float32(std)
-    return w
-
-
-def _linear_uniform(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
-    """``nn.Linear``'s default weight: uniform in ±1/sqrt(fan_in)."""
-    bound = 1.0 / math.sqrt(shape[1])
-    return rng.uniform(-bound, bound, shape)
 
 
 def _check_feature(feature: ir.Value, task: TaskSpec, dense: bool) -> tuple[int, tuple, int | str | None]:
@@ -334,6 +304,6 @@ def _global_head(b: _Builder, feature: ir.Value, c_in: int, spatial: tuple, chan
     if spatial:
         x = b.node("GlobalAveragePool", "pool", [x], [b.batch, c_in, *([1] * len(spatial))])
         x = b.node("Flatten", "flatten", [x], [b.batch, c_in], {"axis": 1})
-    w = b.random_init("fc.weight", (channels, c_in), _linear_uniform)
+    w = b.random_init("fc.weight", (channels, c_in), "linear_uniform")
     bias = b.init("fc.bias", np.zeros(channels, dtype=np.float32))
     return b.node("Gemm", "fc", [x, w, bias], [b.batch, channels], {"transB": 1}, out=b.task.name)
