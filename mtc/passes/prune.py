@@ -37,7 +37,8 @@ from mtc.passes.base import Pass
 from mtc.passes.manager import register_pass
 
 __all__ = ["IMPORTANCE", "ChannelPlan", "PruneChannels", "apply_plan", "build_plan", "ignored_groups", "importance",
-           "prune_in_place", "ratio_counts", "resolve_counts", "select", "validate_plan"]
+           "prune_in_place", "ratio_counts", "resolve_counts", "select", "validate_plan", "width_count",
+           "width_plan"]
 
 IMPORTANCE = ("l1", "l2", "random")
 _INT64_MAX = np.iinfo(np.int64).max
@@ -239,6 +240,35 @@ def ratio_counts(channels: Channels, ratio: float, *, round_to: int = 1,
         if n < g.size:
             out[g.id] = n
     return out
+
+
+def width_count(size: int, width: float, round_to: int = 1) -> int:
+    """Channels a group of ``size`` keeps at width ``width`` (a fraction kept, not removed):
+    ``round(size * width)`` (halves round up), rounded to the nearest multiple of ``round_to``, at
+    least ``min(round_to, size)`` and 1. Slimmable widths and uniformly slimmed baselines use it."""
+    n = _round_half_up(size * width)
+    if round_to > 1:
+        n = round_to * _round_half_up(n / round_to)
+    return min(size, max(n, min(round_to, size), 1))
+
+
+def width_plan(channels: Channels, width: float, *, round_to: int = 1) -> ChannelPlan:
+    """Every prunable group slimmed to the prefix of :func:`width_count` channels (a uniformly
+    slimmed network, as a slimmable supernet's uniform sub-network keeps them).
+
+    Raises:
+        MtcError: ``width`` outside (0, 1] or ``round_to`` below 1.
+    """
+    if not 0.0 < width <= 1.0:
+        raise MtcError(f"--width {width:g}: must be in (0, 1], the fraction of each group's channels kept")
+    if round_to < 1:
+        raise MtcError(f"--round-to {round_to}: must be at least 1")
+    keep = {}
+    for g in channels.prunable:
+        n = width_count(g.size, width, round_to)
+        if n < g.size:
+            keep[g.id] = tuple(range(n))
+    return ChannelPlan(keep)
 
 
 def resolve_counts(channels: Channels, keep: Mapping[Any, int], *, arg: str = "--keep") -> dict[int, int]:

@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 
 DEFAULT_SPACE = "automtl"
 #: The spaces shipped with mtc (imported on first use of the registry).
-BUILTIN = ("mtc.spaces.automtl", "mtc.spaces.branched")
+BUILTIN = ("mtc.spaces.automtl", "mtc.spaces.branched", "mtc.spaces.slimmable")
 
 
 # ------------------------------------------------------------------------------------------ options
@@ -138,6 +138,9 @@ class OptimizerSpec:
     decay: float = 1.0  # multiply the learning rate by this every `decay_every` of its steps
     decay_every: int = 0  # 0: never
     kind: str = "adam"  # adam | sgd
+    weight_decay: float = 0.0  # L2 weight decay (torch's Adam/SGD ``weight_decay``)
+    poly_steps: int = 0  # > 0: poly schedule, lr · (1 - step / poly_steps) ^ poly_power (instead of the decay)
+    poly_power: float = 0.9
 
 
 @dataclass
@@ -147,12 +150,19 @@ class Update:
 
     ``extra_loss(step) -> (loss term or None, record)`` adds terms such as a regulariser and what
     to log of them. ``record`` is the log key of the task losses (``loss``, ``policy_loss``).
+
+    ``passes(step)``, when set, makes the update accumulate gradients over several forward passes
+    of the one batch before its optimiser step (the sandwich rule of slimmable networks): it
+    returns one callable per pass, each run before its pass to configure the module (say, the
+    sub-network's widths); every pass adds its task losses and ``extra_loss`` and backpropagates.
+    The first pass's task losses are logged under ``record``, every pass's under ``passes``.
     """
 
     stream: str
     optimizers: tuple[str, ...]
     extra_loss: Callable[[int], tuple[Any, dict[str, Any]]] | None = None
     record: str = "loss"
+    passes: Callable[[int], Sequence[Callable[[], Any]]] | None = None
 
 
 @dataclass
@@ -263,6 +273,24 @@ class StrategyInfo:
         return getattr(importlib.import_module(module), cls)  # type: ignore[no-any-return]
 
 
+@dataclass
+class ExportChoice:
+    """What a space's export options chose (:meth:`Space.export_choice`).
+
+    Attributes:
+        plan: the plan to export.
+        weights: its network's weights by IR name.
+        info: what the deployment report shows and records of the choice (JSON), e.g. the budget
+            asked and the MACs predicted.
+        weights_source: the file the weights were derived from (its digest is recorded).
+    """
+
+    plan: Plan
+    weights: dict[str, Any]
+    info: dict[str, Any] = field(default_factory=dict)
+    weights_source: str | None = None
+
+
 class Space:
     """A search space (see the module docstring). Subclasses set the class attributes."""
 
@@ -270,6 +298,8 @@ class Space:
     version: ClassVar[int] = 1
     help: ClassVar[str] = ""
     compile_options: ClassVar[tuple[Option, ...]] = ()
+    #: options ``mtc export RUN_DIR`` takes for a run of this space (see :meth:`export_choice`)
+    export_options: ClassVar[tuple[Option, ...]] = ()
     default_strategy: ClassVar[str] = ""
     strategies: ClassVar[dict[str, StrategyInfo]]
 
@@ -310,6 +340,32 @@ class Space:
         """
         raise MtcError(f"--init-from-baselines: space '{self.name}' cannot start its plans from single-task "
                        "models")
+
+    def train_network(self, model: ir.Model, plan: Plan, *, device: str | None = None) -> GraphModule | None:
+        """The network that trains ``plan`` (``mtc train``, :meth:`SearchHost.train_plan`) when the
+        space needs its own (per-task gradient masks, frozen layers); None, the default: the
+        specialised form, lowered. It must compute the plan's function with the specialised form's
+        IR names for its weights (export binds the weights it leaves into the specialised form);
+        parameters that must not train have ``requires_grad`` off."""
+        return None
+
+    def export_choice(self, run_dir: Path, model: ir.Model, options: dict[str, Any], *, device: str = "cpu",
+                      deployed: Callable[[Plan], ir.Model] | None = None) -> ExportChoice:
+        """The plan and weights ``mtc export RUN_DIR`` writes when given this space's
+        :attr:`export_options` (``options``: their values, validated; those not given at their
+        defaults), instead of the run's ``plan.json`` and final checkpoint.
+
+        Args:
+            run_dir: the run directory (its ``config.json`` names the data).
+            model: the run's supergraph.
+            device: where to compute (e.g. BatchNorm recalibration).
+            deployed: the fused model ``mtc export`` writes for a plan, with the command's rewrites
+                (for cost models that must count what is deployed).
+
+        Raises:
+            MtcError: the options do not fit the run (one line).
+        """
+        raise MtcError(f"space '{self.name}' has no export options")
 
     def strategy(self, name: str | None) -> type[Strategy]:
         key = name or self.default_strategy
@@ -383,6 +439,15 @@ def strategy_names() -> list[tuple[str, str, str]]:
     return [(sp.name, st.name, st.help) for sp in spaces().values() for st in sp.strategies.values()]
 
 
+def all_export_options() -> dict[str, list[tuple[str, Option]]]:
+    """Option name -> every (space, option) declaring it for ``mtc export``."""
+    out: dict[str, list[tuple[str, Option]]] = {}
+    for sp in spaces().values():
+        for o in sp.export_options:
+            out.setdefault(o.name, []).append((sp.name, o))
+    return out
+
+
 def all_compile_options() -> dict[str, list[tuple[str, Option]]]:
     out: dict[str, list[tuple[str, Option]]] = {}
     for sp in spaces().values():
@@ -426,6 +491,18 @@ def bind_plan(model: ir.Model, plan: Plan) -> ir.Model:
             p(m)
     Specialize(plan=plan)(m)
     return m
+
+
+def train_network(model: ir.Model, plan: Plan, *, device: str | None = None) -> GraphModule:
+    """The network that trains ``plan``: the first of the supergraph's spaces that brings its own
+    (:meth:`Space.train_network`), else the specialised form lowered."""
+    for sp in model_spaces(model):
+        net = sp.train_network(model, plan, device=device)
+        if net is not None:
+            return net
+    from mtc.lower.module import lower
+
+    return lower(bind_plan(model, plan), device=device)
 
 
 # -------------------------------------------------------------------------------------- compile
@@ -482,5 +559,8 @@ def compile_supergraph(
                 pipeline.append(by_name[n])
             else:
                 pipeline.extend(resolve([n], generic))
+    from mtc.ir.names import gc_paused
+
     pm = PassManager(pipeline, dump_dir=dump_dir, dump_after=dump_after)
-    return pm.run(model)
+    with gc_paused():
+        return pm.run(model)

@@ -46,13 +46,16 @@ class Stopped(Exception):
 def _build_optimizer(spec: OptimizerSpec) -> tuple[torch.optim.Optimizer, Any]:
     params = list(spec.params.values())
     if spec.kind == "adam":
-        opt: torch.optim.Optimizer = torch.optim.Adam(params, lr=spec.lr)
+        opt: torch.optim.Optimizer = torch.optim.Adam(params, lr=spec.lr, weight_decay=spec.weight_decay)
     elif spec.kind == "sgd":
-        opt = torch.optim.SGD(params, lr=spec.lr, momentum=0.9)
+        opt = torch.optim.SGD(params, lr=spec.lr, momentum=0.9, weight_decay=spec.weight_decay)
     else:
         raise MtcError(f"unknown optimiser '{spec.kind}' (expected adam or sgd)")
-    sched = None
-    if spec.decay_every > 0:
+    sched: Any = None
+    if spec.poly_steps > 0:
+        total, power = spec.poly_steps, spec.poly_power
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: max(0.0, 1.0 - k / total) ** power)
+    elif spec.decay_every > 0:
         sched = torch.optim.lr_scheduler.StepLR(opt, step_size=spec.decay_every, gamma=spec.decay)
     return opt, sched
 
@@ -219,15 +222,29 @@ class Trainer:
         for opt, _ in self.optims.values():
             opt.zero_grad(set_to_none=True)
         images, targets = self.batchers[u.stream].batch(s, self.device)
-        losses = task_losses(autocast_forward(self.module, images, self.config.amp), targets, self.tasks)
-        check_finite(losses, stage.name, s, resumable=self._has_checkpoint)
-        loss = torch.stack([self.weights[k] * v for k, v in losses.items()]).sum()
+        # One pass, or several accumulated before one step (Update.passes: the sandwich rule).
+        setups: list[Any] = list(u.passes(s)) if u.passes is not None else [None]
+        first: dict[str, torch.Tensor] | None = None
         extra: dict[str, Any] = {}
-        if u.extra_loss is not None:
-            term, extra = u.extra_loss(s)
-            if term is not None:
-                loss = loss + term
-        loss.backward()
+        per_pass: list[dict[str, float]] = []
+        for setup in setups:
+            if setup is not None:
+                setup()
+            losses = task_losses(autocast_forward(self.module, images, self.config.amp), targets, self.tasks)
+            check_finite(losses, stage.name, s, resumable=self._has_checkpoint)
+            loss = torch.stack([self.weights[k] * v for k, v in losses.items()]).sum()
+            if u.extra_loss is not None:
+                term, more = u.extra_loss(s)
+                extra.update(more)
+                if term is not None:
+                    loss = loss + term
+            loss.backward()
+            first = losses if first is None else first
+            per_pass.append({k: float(v.detach()) for k, v in losses.items()})
+        if u.passes is not None:
+            extra["passes"] = per_pass
+        assert first is not None
+        losses = first
         for oname in u.optimizers:
             opt, sched = self.optims[oname]
             opt.step()
