@@ -60,7 +60,7 @@ def fixed_module(model: ir.Model, plan: Any, weights: Mapping[str, torch.Tensor]
     p.validate(model)
     if isinstance(weights, GraphModule):
         return weights.eval()
-    module = lower(bind_plan(model, p))
+    module = lower(bind_plan(model, p), owned=True)
     if weights is not None:
         module.load_ir_state(dict(weights), source=source)
     return module.eval()

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import re
 from collections import Counter
+from collections.abc import Iterator
 
 import onnx_ir as ir
 
@@ -120,3 +123,20 @@ def node_error(message: str, node: ir.Node | None = None, *, pass_name: str | No
         op=node.op_type if node is not None else None,
         origin=origin(node) if node is not None else None,
     )
+
+
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """Pause Python's cyclic garbage collector while building large object graphs.
+
+    Cloning and lowering a supergraph allocate tens of thousands of small IR objects; each
+    collection the allocations trigger walks every live IR object again (a quarter of the lowering's
+    time on mobilenetv2). The objects are collected normally once the block ends.
+    """
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()

@@ -7,7 +7,6 @@ import onnx_ir as ir
 
 from mtc.errors import MtcError
 
-
 _FLOATS = {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE}
 #: Float initializers above this many elements reach shape inference without their data.
 _WEIGHTLESS_ABOVE = 1024

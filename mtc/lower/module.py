@@ -26,6 +26,7 @@ from torch import nn
 from mtc.errors import MtcError
 from mtc.lower import mtc_ops as _mtc_ops  # noqa: F401  (registers the ai.mtc ops)
 from mtc.lower import ops as _ops  # noqa: F401  (registers the built-in ops)
+from mtc.ir.names import gc_paused
 from mtc.lower.controls import Controls
 from mtc.lower.fusion import fuse
 from mtc.lower.registry import (
@@ -145,7 +146,7 @@ class GraphModule(nn.Module):
     """
 
     def __init__(self, model: ir.Model, *, device: torch.device | str | None = None,
-                 controls: Controls | None = None) -> None:
+                 controls: Controls | None = None, owned: bool = False) -> None:
         super().__init__()
         if not isinstance(model, ir.Model):  # an onnx.ModelProto
             model = ir.from_proto(model)
@@ -155,19 +156,22 @@ class GraphModule(nn.Module):
         self.output_names: list[str] = []
         self.initializer_names: dict[str, str] = {}
         self._node_labels: list[tuple[str, str]] = []
-        self._build(model)
-        self._model = self._skeleton(model)
+        with gc_paused():
+            self._build(model)
+            self._model = self._skeleton(model, owned=owned)
         self.controls.bind(self)
         if device is not None:
             self.to(device)
 
-    def _skeleton(self, model: ir.Model) -> ir.Model:
+    def _skeleton(self, model: ir.Model, *, owned: bool) -> ir.Model:
         """The graph without the arrays the module now holds as parameters and buffers.
 
         Keeping the source model's weight arrays next to the torch tensors would double the
-        module's memory; :meth:`to_model` puts the current tensors back.
+        module's memory; :meth:`to_model` puts the current tensors back. A model the caller hands
+        over (``owned``: a private clone) is stripped in place; any other is cloned first (the
+        clone shares tensors, and the caller's model stays intact).
         """
-        skel = model.clone()  # shares tensors with ``model``, which stays intact
+        skel = model if owned else model.clone()
         held = set(self.initializer_names.values())
         for name, v in skel.graph.initializers.items():
             if name in held:
@@ -592,11 +596,11 @@ def _restore(proto: bytes, state: dict[str, torch.Tensor], training: bool) -> Gr
 
 
 def lower(model: ir.Model, *, device: torch.device | str | None = None,
-          controls: Controls | None = None) -> GraphModule:
+          controls: Controls | None = None, owned: bool = False) -> GraphModule:
     """Lower ``model`` to an executable, trainable :class:`GraphModule`.
 
     Raises:
         MtcError: an op the registry lacks (naming the node, op, origin and the supported ops), or a
             node the registry cannot lower with its attributes.
     """
-    return GraphModule(model, device=device, controls=controls)
+    return GraphModule(model, device=device, controls=controls, owned=owned)

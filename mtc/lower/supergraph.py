@@ -40,11 +40,14 @@ def lower_search(model: ir.Model, controls: Controls | None = None, *, device: t
     """
     from mtc.passes.manager import PassManager, resolve
 
+    from mtc.ir.names import gc_paused
+
     sg.check_format(model)
-    m = model.clone()
-    names = [p for p in SEARCH_PASSES if batch_copies or p != "batch-task-copies"]
-    PassManager(resolve(names), verify_each=False).run(m)
-    return lower(m, device=device, controls=controls)
+    with gc_paused():
+        m = model.clone()
+        names = [p for p in SEARCH_PASSES if batch_copies or p != "batch-task-copies"]
+        PassManager(resolve(names), verify_each=False).run(m)
+        return lower(m, device=device, controls=controls, owned=True)
 
 
 def lower_fixed(model: ir.Model, plan: Any, *, device: torch.device | str | None = None) -> GraphModule:
@@ -59,10 +62,13 @@ def lower_fixed(model: ir.Model, plan: Any, *, device: torch.device | str | None
     """
     from mtc.passes.specialize import Specialize
 
+    from mtc.ir.names import gc_paused
+
     sg.check_format(model)
-    m = model.clone()
-    Specialize(plan=plan)(m)
-    return lower(m, device=device)
+    with gc_paused():
+        m = model.clone()
+        Specialize(plan=plan)(m)
+        return lower(m, device=device, owned=True)
 
 
 def choice_parameters(module: GraphModule) -> dict[str, torch.nn.Parameter]:
