@@ -36,7 +36,8 @@ if TYPE_CHECKING:
 
 DEFAULT_SPACE = "automtl"
 #: The spaces shipped with mtc (imported on first use of the registry).
-BUILTIN = ("mtc.spaces.automtl", "mtc.spaces.branched", "mtc.spaces.slimmable")
+BUILTIN = ("mtc.spaces.automtl", "mtc.spaces.branched", "mtc.spaces.slimmable", "mtc.spaces.partition",
+           "mtc.spaces.allocation")
 
 
 # ------------------------------------------------------------------------------------------ options

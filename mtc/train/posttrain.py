@@ -9,8 +9,8 @@ import onnx_ir as ir
 import torch
 
 from mtc.ir.plan import Plan
-from mtc.lower.module import GraphModule, lower
-from mtc.spaces import OptimizerSpec, Stage, Update, bind_plan
+from mtc.lower.module import GraphModule
+from mtc.spaces import OptimizerSpec, Stage, Update, train_network
 from mtc.tasks.spec import tasks_of
 from mtc.train.loop import count_parameters, evaluate
 from mtc.train.run import RunDir
@@ -35,8 +35,9 @@ class TrainOptions:
 
 
 def plan_module(model: ir.Model, plan: Plan, *, device: str = "cpu") -> GraphModule:
-    """The network of ``plan`` (the specialised form, lowered)."""
-    return lower(bind_plan(model, plan), device=device)
+    """The network that trains ``plan`` (the specialised form, lowered, unless its space brings its
+    own: ``Space.train_network``)."""
+    return train_network(model, plan, device=device)
 
 
 def train_module(run: RunDir, module: GraphModule, tasks: list[Any], train: Any, val: Any, opts: TrainOptions, *,

@@ -105,10 +105,9 @@ class Host(SearchHost):
 
 
 def _lower_plan(model: ir.Model, plan: Plan, device: str) -> GraphModule:
-    from mtc.lower.module import lower
-    from mtc.spaces import bind_plan
+    from mtc.spaces import train_network
 
-    return lower(bind_plan(model, plan), device=device)
+    return train_network(model, plan, device=device)
 
 
 def split_options(options: dict[str, Any]) -> tuple[TrainConfig, dict[str, Any]]:

@@ -1,0 +1,1 @@
+"""The allocation space (Gumbel-Matrix, Maziarz et al.): see docs/spaces/allocation.md."""
