@@ -649,11 +649,17 @@ def train_cmd(run_dir: str, steps: int, lr: float, keep_weights: bool, plan_file
 @click.option("--head-width", type=click.IntRange(min=1, max=65536), default=256, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--input-shape", metavar="DIMS", default=None)
+@click.option("--width", type=click.FloatRange(min=0, max=1, min_open=True), default=None, metavar="R",
+              help="Train only the hard-shared model, every prunable channel group slimmed to the first R of its "
+                   "channels (a static model at a uniform width, e.g. MTL-Static against a slimmable supernet).")
+@click.option("--round-to", "round_to", type=click.IntRange(min=1), default=1, show_default=True, metavar="K",
+              help="With --width: kept channel counts are multiples of K.")
 @_run_options
 def baseline_cmd(model: str, tasks: str, data: str, run_dir: str, steps: int, lr: float, head_width: int, seed: int,
-                 input_shape: str | None, batch_size: int, checkpoint_every: int, device: str | None, amp: bool,
-                 quiet: bool) -> None:
-    """Train the single-task models and the hard-shared multi-task model (the Δt reference)."""
+                 input_shape: str | None, width: float | None, round_to: int, batch_size: int, checkpoint_every: int,
+                 device: str | None, amp: bool, quiet: bool) -> None:
+    """Train the single-task models and the hard-shared multi-task model (the Δt reference); with
+    --width R, only the hard-shared model, uniformly slimmed."""
     from mtc.data import load_data
     from mtc.frontends import import_model, parse_input_shape
     from mtc.tasks import parse_tasks
@@ -671,7 +677,11 @@ def baseline_cmd(model: str, tasks: str, data: str, run_dir: str, steps: int, lr
     opts = TrainOptions(steps=steps, batch_size=batch_size, lr=lr, seed=seed, checkpoint_every=checkpoint_every,
                         amp=amp)
     out = run_baselines(model, task_list, train, val, run, opts, input_shape=shape, head_width=head_width,
-                        device=_device(device, amp), progress=not quiet)
+                        device=_device(device, amp), progress=not quiet, width=width, round_to=round_to)
+    if width is not None:
+        click.echo(f"hard-shared at width {width:g}: {out['multi']['params']:,} params, {out['multi']['macs']:,} "
+                   f"MACs; wrote {run.file('baselines.json')}")
+        return
     click.echo(f"hard-shared: {out['multi']['params']:,} params; single-task: "
                + ", ".join(f"{t} {r['params']:,}" for t, r in out["single"].items())
                + f"; wrote {run.file('baselines.json')}")
@@ -697,7 +707,49 @@ def report_cmd(dirs: tuple[str, ...], out: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------ export
-@main.command("export")
+def _export_params() -> list[click.Parameter]:
+    from mtc.spaces import all_export_options
+
+    return [_plugin_option(name, [(sp, o) for sp, o in decls], "space")
+            for name, decls in sorted(all_export_options().items())]
+
+
+def _space_export(source: str, given: dict[str, Any], plan_file: str | None, weights_file: str | None,
+                  fold_bn: bool, resize_matmul: bool) -> tuple[Any, Any]:
+    """The run's inputs with the plan and weights its space's export options choose (the space's hook)."""
+    from mtc.export.api import RunInputs, export_graphs
+    from mtc.ir import io
+    from mtc.ir import supergraph as sg
+    from mtc.spaces import resolve_options, space_of_model
+    from mtc.train.run import SUPERGRAPH, RunDir
+
+    flags = ", ".join("--" + k.replace("_", "-") for k in given)
+    if plan_file is not None or weights_file is not None:
+        raise MtcError(f"{flags} choose the plan and weights: they exclude --plan and --weights")
+    if not Path(source).is_dir():
+        raise MtcError(f"{flags} need a run directory as SOURCE", file=source)
+    run = RunDir(source)
+    sg_path = run.file(str(run.config().get("supergraph", SUPERGRAPH)))
+    model = io.load(sg_path)
+    sg.check_format(model, file=str(sg_path))
+    sp = space_of_model(model, file=str(sg_path))
+    own = {o.name for o in sp.export_options}
+    for k in given:
+        if k not in own:
+            raise MtcError(f"--{k.replace('_', '-')} does not apply to space '{sp.name}'")
+    opts = resolve_options(sp.export_options, given, what=f"mtc export for space '{sp.name}'")
+
+    def deployed(plan: Any) -> Any:
+        return export_graphs(model, plan, None, tasks=[], fused=True, fold_bn=fold_bn,
+                             resize_matmul=resize_matmul).fused
+
+    choice = sp.export_choice(run, model, opts, device="cpu", deployed=deployed)
+    inputs = RunInputs(model=model, plan=choice.plan, weights=choice.weights, supergraph_path=str(sg_path),
+                       run_dir=source)
+    return inputs, choice
+
+
+@main.command("export", cls=PluginCommand, plugin_params=_export_params)
 @click.argument("source", type=click.Path())
 @click.option("-o", "--out", "out", required=True, type=click.Path(),
               help="A .onnx file when exactly one model is exported, otherwise a folder: <task>.onnx per task "
@@ -726,9 +778,11 @@ def report_cmd(dirs: tuple[str, ...], out: str) -> None:
               help="Timed runs per model in the report.")
 def export_cmd(source: str, out: str, tasks: tuple[str, ...], all_tasks: bool, fused: bool | None, fold_bn: bool,
                resize_matmul: bool, plan_file: str | None, weights_file: str | None, provider: str, report: bool,
-               repeat: int) -> None:
+               repeat: int, **kwargs: Any) -> None:
     """Export SOURCE (a trained run directory, or a supergraph file with --plan) to ONNX: per-task
-    pruned models and/or the fused one, each verified in onnxruntime before it is written."""
+    pruned models and/or the fused one, each verified in onnxruntime before it is written. A run's
+    space may choose the plan and weights from its own options (the slimmable space: --budget,
+    --preference, --widths)."""
     from mtc.export.api import (
         VerificationError,
         export_graphs,
@@ -737,15 +791,24 @@ def export_cmd(source: str, out: str, tasks: tuple[str, ...], all_tasks: bool, f
         providers,
         write_verified,
     )
+    from mtc.spaces import all_export_options
 
     providers(provider)  # a clear message before any work when CUDA is unavailable
-    inputs = load_source(source, plan_file=plan_file, weights_file=weights_file)
+    given = _given(kwargs, set(all_export_options()))
+    choice = None
+    if given:
+        inputs, choice = _space_export(source, given, plan_file, weights_file, fold_bn, resize_matmul)
+    else:
+        inputs = load_source(source, plan_file=plan_file, weights_file=weights_file)
     outs = plan_outputs(inputs.model, out, tasks=tasks, all_tasks=all_tasks, fused=fused)
     for p in outs.paths.values():
         _refuse_overwrite(p, inputs.supergraph_path, inputs.weights_path, plan_file)
+    origin = inputs.origin()
+    if choice is not None:
+        origin["choice"] = {k: v for k, v in choice.info.items() if k != "summary"}
     ex = export_graphs(inputs.model, inputs.plan, inputs.weights, tasks=outs.tasks, fused=outs.fused,
                        fold_bn=fold_bn, resize_matmul=resize_matmul, weights_source=inputs.weights_path,
-                       origin=inputs.origin())
+                       origin=origin)
     if inputs.weights is None:
         click.echo("mtc: note: no --weights: exporting the supergraph's initial (untrained) weights", err=True)
     try:
@@ -756,12 +819,23 @@ def export_cmd(source: str, out: str, tasks: tuple[str, ...], all_tasks: bool, f
     for r in written.values():
         worst = max(r["diff"].values()) if r["diff"] else 0.0
         click.echo(f"{r['path']}: verified against the lowering (max relative difference {worst:.2g})")
+    info = choice.info if choice is not None else {}
+    for line in info.get("summary", []):
+        click.echo(line)
     if report:
         from mtc.export.report import deployment_report, print_report
 
-        rep = deployment_report(inputs.model, ex, path=outs.report, provider=provider, repeat=repeat)
+        extra = {"choice": {k: v for k, v in info.items() if k != "summary"}} if info else None
+        rep = deployment_report(inputs.model, ex, path=outs.report, provider=provider, repeat=repeat, extra=extra)
         click.echo(print_report(rep))
+        if "budget_macs" in info and rep.get("fused") is not None:
+            f = rep["fused"]
+            click.echo(f"budget asked {_human(info['budget_macs'])} MACs; delivered {_human(f['macs'])} MACs "
+                       f"({f['macs']:,}; fused model, {f['latency_ms']:.3f} ms median)")
         click.echo(f"wrote {rep['path']}")
+    elif "budget_macs" in info:
+        click.echo(f"budget asked {_human(info['budget_macs'])} MACs; predicted {_human(info['predicted_macs'])} "
+                   "MACs (fused model)")
 
 
 # ------------------------------------------------------------------------------------------- prune

@@ -57,7 +57,7 @@ def _cost(model: ir.Model) -> dict[str, int]:
 
 def deployment_report(model: ir.Model, ex: Exported, out_dir: str | os.PathLike[str] | None = None, *,
                       path: str | os.PathLike[str] | None = None, provider: str = "cpu", repeat: int = 30,
-                      batch: int = 1) -> dict[str, Any]:
+                      batch: int = 1, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Measure the exported models against the backbone with each task's head.
 
     The fused model stands next to the sum of every task's model, including tasks not exported
@@ -71,6 +71,7 @@ def deployment_report(model: ir.Model, ex: Exported, out_dir: str | os.PathLike[
         provider: onnxruntime execution provider (``cpu`` or ``cuda``).
         repeat: timed runs per model (median reported).
         batch: input batch size for the timings.
+        extra: more keys for the report (what a space's export options chose, say).
     """
     x = sample_input(ex.module.model, seed=0, batch=batch)
     order = sg.task_names(model)
@@ -100,6 +101,7 @@ def deployment_report(model: ir.Model, ex: Exported, out_dir: str | os.PathLike[
         per_task = [{**_cost(timed[f"exported/{t}"]), "latency_ms": ms[f"exported/{t}"]} for t in order]
         summed = {k: sum(r[k] for r in per_task) for k in ("params", "macs", "latency_ms")}
         rep["fused"] = {**_cost(ex.fused), "latency_ms": ms["fused"], "sum_of_tasks": summed}
+    rep.update(extra or {})
     if path is None and out_dir is not None:
         path = Path(out_dir) / REPORT
     if path is not None:

@@ -350,14 +350,15 @@ class Space:
         parameters that must not train have ``requires_grad`` off."""
         return None
 
-    def export_choice(self, run_dir: Path, model: ir.Model, options: dict[str, Any], *, device: str = "cpu",
+    def export_choice(self, run: Any, model: ir.Model, options: dict[str, Any], *, device: str = "cpu",
                       deployed: Callable[[Plan], ir.Model] | None = None) -> ExportChoice:
         """The plan and weights ``mtc export RUN_DIR`` writes when given this space's
         :attr:`export_options` (``options``: their values, validated; those not given at their
         defaults), instead of the run's ``plan.json`` and final checkpoint.
 
         Args:
-            run_dir: the run directory (its ``config.json`` names the data).
+            run: the run directory (a :class:`mtc.train.run.RunDir`: ``config()``, ``file()``,
+                ``load_checkpoint()``; its config names the data).
             model: the run's supergraph.
             device: where to compute (e.g. BatchNorm recalibration).
             deployed: the fused model ``mtc export`` writes for a plan, with the command's rewrites

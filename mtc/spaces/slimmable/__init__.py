@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import onnx_ir as ir
@@ -62,10 +61,10 @@ class Slimmable(Space):
         cfg = space.from_plan(plan)
         return f"{describe_space(space, cost)}; the plan: {cost.macs(cfg):,} MACs"
 
-    def export_choice(self, run_dir: Path, model: ir.Model, options: dict[str, Any], *, device: str = "cpu",
+    def export_choice(self, run: Any, model: ir.Model, options: dict[str, Any], *, device: str = "cpu",
                       deployed: Callable[[Plan], ir.Model] | None = None) -> ExportChoice:
         deploy = importlib.import_module("mtc.spaces.slimmable.deploy")
-        return deploy.export_choice(run_dir, model, options, device=device, deployed=deployed)  # type: ignore[no-any-return]
+        return deploy.export_choice(run, model, options, device=device, deployed=deployed)  # type: ignore[no-any-return]
 
 
 register_strategy(Slimmable, "ecmt", "ECMT: sandwich-rule training with CI-KD, accuracy predictor, HV over "

@@ -30,7 +30,7 @@ Cost = Callable[[np.ndarray], int]
 Predict = Callable[[np.ndarray], np.ndarray]
 
 
-def normalise_preference(tau: Sequence[float]) -> np.ndarray:
+def normalise_preference(tau: Sequence[float] | np.ndarray) -> np.ndarray:
     """Min-max normalised τ (all equal: every task is the most preferred, 1)."""
     t = np.asarray(tau, dtype=np.float64)
     lo, hi = float(t.min()), float(t.max())
@@ -39,18 +39,18 @@ def normalise_preference(tau: Sequence[float]) -> np.ndarray:
     return (t - lo) / (hi - lo)
 
 
-def eq4(tau: Sequence[float], ratios: Sequence[float]) -> np.ndarray:
+def eq4(tau: Sequence[float] | np.ndarray, ratios: Sequence[float]) -> np.ndarray:
     """Eq. 4 on the min-max normalised preference: ``ω_min + (ω_max - ω_min) τ_i`` per task."""
     lo, hi = min(ratios), max(ratios)
     return lo + (hi - lo) * normalise_preference(tau)
 
 
-def decoder_indices(space: WidthSpace, tau: Sequence[float]) -> np.ndarray:
+def decoder_indices(space: WidthSpace, tau: Sequence[float] | np.ndarray) -> np.ndarray:
     """Eq. 4 snapped to ω: one ratio index per task, in task order."""
     return np.array([space.nearest(float(w)) for w in eq4(tau, space.ratios)], dtype=np.int64)
 
 
-def with_decoders(space: WidthSpace, encoder: np.ndarray | int, dec: Sequence[int]) -> np.ndarray:
+def with_decoders(space: WidthSpace, encoder: np.ndarray | int, dec: Sequence[int] | np.ndarray) -> np.ndarray:
     """A configuration from encoder ratio indices (one per encoder choice, or one for all) and one
     ratio index per task's decoder."""
     cfg = np.zeros(len(space), dtype=np.int64)
@@ -91,7 +91,7 @@ class Decoders:
     cap: int | None = None
 
 
-def set_decoders(space: WidthSpace, tau: Sequence[float], cost: Cost, budget: float) -> Decoders:
+def set_decoders(space: WidthSpace, tau: Sequence[float] | np.ndarray, cost: Cost, budget: float) -> Decoders:
     """Step 1: Eq. 4, capped when the smallest encoder cannot carry the decoders within the budget."""
     want = decoder_indices(space, tau)
     if cost(with_decoders(space, 0, want)) <= budget:
@@ -166,7 +166,7 @@ class SearchResult:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
-def search(space: WidthSpace, tau: Sequence[float], budget: float, cost: Cost, predict: Predict,
+def search(space: WidthSpace, tau: Sequence[float] | np.ndarray, budget: float, cost: Cost, predict: Predict,
            rng: np.random.Generator, *, pool: int = 50, cycles: int = 10, groups: int = 1,
            eta: float = 0.1) -> SearchResult:
     """Algorithm 2 (module docstring).
@@ -201,7 +201,7 @@ def search(space: WidthSpace, tau: Sequence[float], budget: float, cost: Cost, p
     return SearchResult(cfg, int(cost(cfg)), scores[best], dec, preferred, history)
 
 
-def random_encoder(space: WidthSpace, tau: Sequence[float], budget: float, cost: Cost,
+def random_encoder(space: WidthSpace, tau: Sequence[float] | np.ndarray, budget: float, cost: Cost,
                    rng: np.random.Generator) -> np.ndarray:
     """Fig. 5's baseline: the decoders of Eq. 4 and a random encoder that fits the budget."""
     check_budget(budget, cost, space)

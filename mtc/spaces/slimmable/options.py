@@ -157,7 +157,8 @@ STRATEGY_OPTIONS = (
            low=0.0),
     Option("calib_batches", 20, "training batches that recalibrate BatchNorm for each sub-network (once-for-all: "
            "2,000 images, 20 batches of 100; here 20 training batches)", low=1),
-    Option("predictor_samples", 120, "M, sub-networks measured to train the predictor (paper: 2,000)", low=2),
+    Option("predictor_samples", 120, "M, sub-networks measured to train the predictor (paper: 2,000); 0: train "
+           "the supernet only (its largest and smallest sub-networks are measured, no predictor or figures)", low=0),
     Option("predictor_epochs", 150, "predictor training epochs, L1 loss (paper: 150)", low=1),
     Option("predictor_lr", 1e-3, "predictor Adam learning rate (paper: 1e-3)", low=0.0, low_open=True),
     Option("predictor_batch", 16, "predictor batch size (paper: 16)", low=1),
@@ -171,7 +172,7 @@ STRATEGY_OPTIONS = (
     Option("preferences", 20, "task preferences drawn for the HV figures (paper: 20, after CDMA)", low=1),
     Option("alpha", 0.2, "Dirichlet concentration of the drawn preferences (paper: 0.2 NYUD-v2/PASCAL, 1.0 "
            "CIFAR-100)", low=0.0, low_open=True),
-    Option("budgets", "50%,90%", "the two budgets of the HV figures: MACs (0.6GMAC) or % of the largest "
+    Option("budgets", ("50%", "90%"), "the two budgets of the HV figures: MACs (0.6GMAC) or % of the largest "
            "sub-network", parse=parse_budgets, metavar="B1,B2"),
     Option("hv_ref", "auto", "HV reference point in task-loss space, one value per task; auto: 1.1 x the "
            "largest loss measured for the predictor (paper: [4,4,4] NYUD-v2)", parse=parse_reference,

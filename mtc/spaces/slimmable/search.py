@@ -12,6 +12,7 @@ tensor the heads read) averaged over its kept channels, detached for the largest
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -44,6 +45,17 @@ CONTROL = "controllability.json"
 MEASURED = "measured"  # strategy state: measurements so far (a resumed search does not redo them)
 
 
+def json_safe(obj: Any) -> Any:
+    """``obj`` with NaN and infinite floats as None (strict JSON)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
 def full_plan(space: WidthSpace, **info: Any) -> Plan:
     return space.to_plan(space.full(), info=info)
 
@@ -73,7 +85,7 @@ class Measurer:
     def __init__(self, host: SearchHost, module: GraphModule, space: WidthSpace, calib: list[torch.Tensor]) -> None:
         self.host = host
         self.module = module
-        self.space = space
+        self.ws = space
         self.calib = calib
         self.stats = norm_stats(module.model)
         self.controls = controls_of(module)
@@ -89,10 +101,10 @@ class Measurer:
         k = self.key(cfg)
         if k not in self.cache:
             self.controls.capture = False
-            self.controls.set(self.space, cfg)
+            self.controls.set(self.ws, cfg)
             recalibrate(self.module, self.stats, self.calib)
             scores = self.host.evaluate(self.module)
-            self.cache[k] = {"losses": [float(scores[t]["loss"]) for t in self.space.tasks], "metrics": scores}
+            self.cache[k] = {"losses": [float(scores[t]["loss"]) for t in self.ws.tasks], "metrics": scores}
             self._new += 1
             if self._new % 10 == 0:
                 self.flush()
@@ -113,7 +125,7 @@ class EcmtSearch(Strategy):
     def build(self, host: SearchHost) -> GraphModule:
         self.host = host
         o = self.opts
-        self.space = WidthSpace.of(self.model)
+        self.ws = WidthSpace.of(self.model)
         self.module = lower_supernet(self.model, device=host.device)
         self.controls: SlimControls = controls_of(self.module)
         self.b = int(o["sandwich"])
@@ -121,10 +133,10 @@ class EcmtSearch(Strategy):
         self.has_feature = feature_site(self.model) is not None
         if self.kd_weight > 0 and not self.has_feature:
             raise MtcError("CI-KD needs the encoder feature (mtc.feature) in the supergraph; pass --kd-weight 0")
-        self.reference = bound_full(self.model, self.space)
-        self.cost = CostModel(self.reference, self.space)
-        largest = self.cost.macs(self.space.full())
-        smallest = self.cost.macs(self.space.smallest())
+        self.reference = bound_full(self.model, self.ws)
+        self.cost = CostModel(self.reference, self.ws)
+        largest = self.cost.macs(self.ws.full())
+        smallest = self.cost.macs(self.ws.smallest())
         self.budgets = [resolve_budget(b, largest) for b in o["budgets"]]
         for text, b in zip(o["budgets"], self.budgets, strict=True):
             if not smallest <= b <= largest:
@@ -146,7 +158,7 @@ class EcmtSearch(Strategy):
     def sandwich(self, step: int) -> list[np.ndarray]:
         """The ``b`` configurations of one step: largest, smallest, ``b - 2`` random (seeded by step)."""
         rng = np.random.default_rng([self.host.seed, 0x5A4D, step])
-        return [self.space.full(), self.space.smallest()] + [self.space.random(rng) for _ in range(self.b - 2)]
+        return [self.ws.full(), self.ws.smallest()] + [self.ws.random(rng) for _ in range(self.b - 2)]
 
     def _before(self, step: int) -> dict[str, Any]:
         self._configs = self.sandwich(step)
@@ -154,7 +166,7 @@ class EcmtSearch(Strategy):
 
     def _setup(self, i: int) -> None:
         self._pass = i
-        self.controls.set(self.space, self._configs[i])
+        self.controls.set(self.ws, self._configs[i])
         self.controls.capture = self.has_feature
         self.controls.feature = None
 
@@ -190,13 +202,13 @@ class EcmtSearch(Strategy):
                       [Update("train", ("weights",), extra_loss=self.kd_term, passes=self._passes)], self._before)]
 
     def derive(self, module: GraphModule) -> Plan:
-        return full_plan(self.space, note="the supernet at full width; mtc export RUN --budget B --preference "
+        return full_plan(self.ws, note="the supernet at full width; mtc export RUN --budget B --preference "
                                           "T=V,.. exports a sub-network")
 
     def eval_mode(self, module: GraphModule) -> None:
         # The end-of-search metrics are the largest network's, with its recalibrated statistics.
         self.controls.capture = False
-        self.controls.set(self.space, self.space.full())
+        self.controls.set(self.ws, self.ws.full())
         recalibrate(module, norm_stats(module.model), self._calib())
 
     def _calib(self) -> list[torch.Tensor]:
@@ -209,11 +221,18 @@ class EcmtSearch(Strategy):
     # ------------------------------------------------------------------ after training
     def finish(self, host: SearchHost, module: GraphModule, plan: Plan) -> Plan:
         o = self.opts
-        space, tasks = self.space, self.space.tasks
+        space, tasks = self.ws, self.ws.tasks
         measure = Measurer(host, module, space, self._calib())
+        m = int(o["predictor_samples"])
+        if m == 0:  # the supernet only: its extremes
+            host.write_json(CONTROL, {"tasks": tasks, "ratios": list(space.ratios),
+                                      "extremes": self._extremes(measure)})
+            measure.flush()
+            return plan
+        if m < 2:
+            raise MtcError("--predictor-samples: the predictor needs at least 2 sub-networks (or 0: none)")
         # Algorithm 3's data: every uniform width, then random non-uniform sub-networks.
         rng = np.random.default_rng([host.seed, 0xA3])
-        m = int(o["predictor_samples"])
         configs = [space.full(k) for k in range(len(space.ratios))][:m]
         while len(configs) < m:
             configs.append(space.random(rng))
@@ -248,12 +267,9 @@ class EcmtSearch(Strategy):
         report = self._controllability(host, measure, predict, ref, y)
         report["predictor"] = {"samples": m, "holdout": int(len(hold)), "holdout_spearman": rank,
                                "holdout_l1": l1}
-        report["extremes"] = {"largest": measure(space.full())["metrics"],
-                              "smallest": measure(space.smallest())["metrics"],
-                              "macs": {"largest": self.cost.macs(space.full()),
-                                       "smallest": self.cost.macs(space.smallest())}}
+        report["extremes"] = self._extremes(measure)
         measure.flush()
-        host.write_json(CONTROL, report)
+        host.write_json(CONTROL, json_safe(report))
         try:
             from mtc.spaces.slimmable.plots import plot_controllability, plot_marginal, plot_predictor
 
@@ -264,14 +280,19 @@ class EcmtSearch(Strategy):
             pass
         return plan
 
+    def _extremes(self, measure: Measurer) -> dict[str, Any]:
+        space = self.ws
+        return {"largest": measure(space.full())["metrics"], "smallest": measure(space.smallest())["metrics"],
+                "macs": {"largest": self.cost.macs(space.full()), "smallest": self.cost.macs(space.smallest())}}
+
     def _controllability(self, host: SearchHost, measure: Measurer, predict: Any, ref: list[float],
                          y: np.ndarray) -> dict[str, Any]:
         o = self.opts
-        space, tasks = self.space, self.space.tasks
+        space, tasks = self.ws, self.ws.tasks
         prefs = dirichlet_preferences(len(tasks), int(o["preferences"]), float(o["alpha"]), host.seed)
         budgets = []
         for bi, (text, budget) in enumerate(zip(o["budgets"], self.budgets, strict=True)):
-            rows = []
+            rows: list[dict[str, Any]] = []
             for pi, tau in enumerate(prefs):
                 rng = np.random.default_rng([host.seed, 0xE5, bi, pi])
                 res = evo.search(space, tau, budget, self.cost.macs, predict, rng, pool=int(o["pool"]),
@@ -317,7 +338,7 @@ class EcmtSearch(Strategy):
         """Fig. 7: each task's preference on a grid, the others random; the decoders by Eq. 4 with the
         largest and the smallest encoder, and at the first budget with Algorithm 2's encoder."""
         o = self.opts
-        space, tasks = self.space, self.space.tasks
+        space, tasks = self.ws, self.ws.tasks
         levels = np.linspace(0.0, 1.0, int(o["sweep_levels"]))
         kinds = {t.name: t.kind for t in host.tasks}
         out: dict[str, Any] = {"levels": levels.tolist(), "budget": self.budgets[0], "tasks": {}}

@@ -155,7 +155,8 @@ class SlimmableWidths(Pass):
                 "feature": ir.AttrInt64("feature", int(value == feature))})
             out = node.outputs[0]
             out.name = name
-            out.dtype = x.dtype
+            if x.dtype is not None:
+                out.dtype = x.dtype
             out.shape = x.shape
             g.append(node)
             for user, i in uses:
@@ -225,7 +226,8 @@ class BindWidths(Pass):
             mul = ir.node("Mul", [x, kv], name=f"{node.name}.apply")
             mul.metadata_props[MASK_KEY] = ",".join(node.attributes["choices"].as_strings())
             y = mul.outputs[0]
-            y.dtype = x.dtype
+            if x.dtype is not None:
+                y.dtype = x.dtype
             y.shape = x.shape
             g.insert_before(node, [keep, mul])
             out.replace_all_uses_with(y, replace_graph_outputs=True)
