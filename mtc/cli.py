@@ -33,6 +33,49 @@ class MtcGroup(click.Group):
             where = e.ctx.command_path if e.ctx is not None else "mtc"
             click.echo(f"mtc: error: {e.format_message().rstrip('.')} (see {where} --help)", err=True)
             sys.exit(e.exit_code)
+        except OSError as e:
+            # The environment at write or read time: a read-only folder, a full disk, a permission.
+            where = e.filename or e.filename2
+            what = e.strerror or type(e).__name__
+            click.echo(f"mtc: error: {where}: {what}" if where else f"mtc: error: {what}", err=True)
+            sys.exit(MtcError.exit_code)
+        except KeyboardInterrupt:
+            click.echo("mtc: interrupted; files written so far are complete, and a run keeps its last checkpoint "
+                       "(--resume continues it)", err=True)
+            sys.exit(130)
+
+
+class Number(click.ParamType):
+    """A finite float within a range (click's FloatRange lets NaN and infinities through)."""
+
+    name = "number"
+
+    def __init__(self, min: float | None = None, max: float | None = None, *, min_open: bool = False,
+                 max_open: bool = False) -> None:
+        self.min, self.max, self.min_open, self.max_open = min, max, min_open, max_open
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        import math
+
+        if isinstance(value, float) and math.isfinite(value):
+            v = value
+        else:
+            try:
+                v = float(value)
+            except (TypeError, ValueError):
+                self.fail(f"{value!r} is not a number", param, ctx)
+            if not math.isfinite(v):
+                self.fail(f"{value!r} is not a finite number", param, ctx)
+        lo_bad = self.min is not None and (v < self.min or (self.min_open and v == self.min))
+        hi_bad = self.max is not None and (v > self.max or (self.max_open and v == self.max))
+        if lo_bad or hi_bad:
+            parts = []
+            if self.min is not None:
+                parts.append(f"{'>' if self.min_open else '>='} {self.min:g}")
+            if self.max is not None:
+                parts.append(f"{'<' if self.max_open else '<='} {self.max:g}")
+            self.fail(f"{v:g} is out of range ({' and '.join(parts)})", param, ctx)
+        return v
 
 
 class PluginCommand(click.Command):
@@ -58,10 +101,28 @@ def _human(n: float) -> str:
     return f"{n:.3g}P"
 
 
+def _one_line_warnings() -> None:
+    """mtc's own warnings as one stderr line each (Python's format adds the source line)."""
+    import warnings
+
+    default = warnings.showwarning
+
+    def show(message: Any, category: type[Warning], filename: str, lineno: int, file: Any = None,
+             line: str | None = None) -> None:
+        if category.__module__.startswith("mtc."):
+            click.echo(f"mtc: warning: {str(message).splitlines()[0] if str(message) else category.__name__}",
+                       err=True)
+        else:
+            default(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+
+
 @click.group(cls=MtcGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="mtc")
 def main() -> None:
     """mtc: compile a single-task CNN backbone into a multi-task model."""
+    _one_line_warnings()
 
 
 # ------------------------------------------------------------------------------ shared option sets
@@ -103,7 +164,7 @@ def _click_type(o: Any) -> Any:
         return click.IntRange(min=None if o.low is None else int(o.low), max=None if o.high is None else int(o.high),
                               min_open=o.low_open, max_open=o.high_open)
     if isinstance(d, float):
-        return click.FloatRange(min=o.low, max=o.high, min_open=o.low_open, max_open=o.high_open)
+        return Number(o.low, o.high, min_open=o.low_open, max_open=o.high_open)
     return str
 
 
@@ -522,7 +583,7 @@ def search_cmd(supergraph: str, data: str, run_dir: str, strategy: str | None, t
     from mtc.data import load_data
     from mtc.spaces import all_strategy_options, resolve_options, space_of_model
     from mtc.tasks.spec import tasks_of
-    from mtc.train.run import SUPERGRAPH, RunDir, file_digest
+    from mtc.train.run import SUPERGRAPH, RunDir, differing, file_digest, session
     from mtc.train.search import run_search
 
     run = RunDir(run_dir)
@@ -535,25 +596,35 @@ def search_cmd(supergraph: str, data: str, run_dir: str, strategy: str | None, t
         return
     given = _given(kwargs, set(all_strategy_options()))
     strat_opts = resolve_options(info.options, given, what=f"strategy '{info.name}' of space '{space.name}'")
-    if run.file("config.json").exists():
-        cfg = run.config()
-        if cfg.get("supergraph_sha256") != digest:
-            raise MtcError("the run directory belongs to a different supergraph (use a new --run-dir)", file=run_dir)
-        if not resume and run.has_checkpoint("search"):
-            raise MtcError("the run directory already holds a search: pass --resume to continue it, or use a new "
-                           "--run-dir", file=run_dir)
     tasks = tasks_of(model) or []
     options = {**strat_opts, "batch_size": batch_size, "checkpoint_every": checkpoint_every, "seed": seed,
                "amp": amp, "task_weights": _task_weights(task_weights, tasks)}
+    config = {"supergraph": SUPERGRAPH, "supergraph_sha256": digest, "data": data, "seed": seed,
+              "space": space.name, "strategy": info.name, "search": options}
+    # A directory only belongs to a search once that search wrote a checkpoint: an attempt that
+    # failed before one leaves nothing the next attempt has to live with.
+    searched = run.has_checkpoint("search")
+    if searched:
+        cfg = run.config()
+        if cfg.get("supergraph_sha256") != digest:
+            raise MtcError("the run directory belongs to a different supergraph (use a new --run-dir)", file=run_dir)
+        if not resume:
+            raise MtcError("the run directory already holds a search: pass --resume to continue it, or use a new "
+                           "--run-dir", file=run_dir)
+        changed = differing({"data": cfg.get("data"), "seed": cfg.get("seed"), "strategy": cfg.get("strategy"),
+                             **cfg.get("search", {})},
+                            {"data": data, "seed": seed, "strategy": info.name, **options})
+        if changed:
+            raise MtcError("--resume continues the run as it was configured; these options differ from its "
+                           "config.json: " + "; ".join(changed), file=run_dir)
     dev = _device(device, amp)
     train, val = load_data(data, tasks, _input_chw(model), seed)
-    if not run.file("config.json").exists():
-        run.path.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(supergraph, run.file(SUPERGRAPH))
-        run.write_json("config.json", {"supergraph": SUPERGRAPH, "supergraph_sha256": digest, "data": data,
-                                       "seed": seed, "space": space.name, "strategy": info.name, "search": options})
-    plan = run_search(run, model, train, val, options, strategy=info.name, device=dev, resume=resume,
-                      progress=not quiet)
+    with session(run, what=f"mtc search {supergraph}", checkpoint="search"):
+        if not searched:
+            shutil.copyfile(supergraph, run.file(SUPERGRAPH))
+            run.write_json("config.json", config)
+        plan = run_search(run, model, train, val, options, strategy=info.name, device=dev, resume=resume,
+                          progress=not quiet, data_spec=data)
     decided = sum(len(per) for per in plan.ops.values())
     firsts = sum(1 for c, per in plan.ops.items() for o in per.values() if o == _first_option(model, c))
     text = space.describe_plan(model, plan)  # the space's own view of the plan (a tree, say)
@@ -576,7 +647,7 @@ def _first_option(model, choice: str) -> str:
 @main.command("train")
 @click.argument("run_dir", type=click.Path(file_okay=False))
 @click.option("--steps", type=click.IntRange(min=0), default=400, show_default=True)
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True)
+@click.option("--lr", type=Number(min=0, min_open=True), default=1e-3, show_default=True)
 @click.option("--keep-weights", is_flag=True, help="Start from the searched weights instead of re-initialised ones.")
 @click.option("--plan", "--policy", "plan_file", type=click.Path(dir_okay=False), default=None,
               help="A plan (or AutoMTL policy) JSON to train instead of the run's plan.json.")
@@ -595,7 +666,7 @@ def train_cmd(run_dir: str, steps: int, lr: float, keep_weights: bool, plan_file
     from mtc.export.api import read_plan
     from mtc.tasks.spec import tasks_of
     from mtc.train.posttrain import TrainOptions, run_train
-    from mtc.train.run import PLAN, SUPERGRAPH, RunDir, module_tensors
+    from mtc.train.run import PLAN, SUPERGRAPH, RunDir, differing, module_tensors, session
 
     run = RunDir(run_dir)
     cfg = run.config()
@@ -614,19 +685,29 @@ def train_cmd(run_dir: str, steps: int, lr: float, keep_weights: bool, plan_file
 
         searched = space_of_model(model).init_from_baselines(model, plan, init_from)
     opts = TrainOptions(steps=steps, batch_size=batch_size, lr=lr, checkpoint_every=checkpoint_every, seed=seed,
-                        keep_weights=keep_weights or init_from is not None, amp=amp)
+                        keep_weights=keep_weights or init_from is not None, amp=amp, data=str(cfg["data"]))
     dev = _device(device, amp)
-    result = run_train(run, model, plan, train, val, opts, device=dev, resume=resume, progress=not quiet,
-                       searched_state=searched)
-    if baselines:
+    base = RunDir(baselines).read_json("baselines.json") if baselines else None  # before any training
+    recorded = {"steps": steps, "lr": lr, "batch_size": batch_size, "keep_weights": keep_weights,
+                "init_from_baselines": init_from, "plan": str(plan_file or PLAN)}
+    if resume and run.has_checkpoint("train") and isinstance(cfg.get("train"), dict):
+        changed = differing(cfg["train"], recorded)
+        if changed:
+            raise MtcError("--resume continues the training as it was configured; these options differ from its "
+                           "config.json: " + "; ".join(changed), file=run_dir)
+    with session(run, what=f"mtc train {run_dir}", checkpoint="train"):
+        if not (resume and run.has_checkpoint("train")):
+            run.write_json("config.json", {**cfg, "train": recorded})
+        result = run_train(run, model, plan, train, val, opts, device=dev, resume=resume, progress=not quiet,
+                           searched_state=searched)
+    if base is not None:
         from mtc.tasks.kinds import delta_t, relative_performance
 
-        base = RunDir(baselines).read_json("baselines.json")
         kinds = {t.name: t.kind for t in tasks}
         try:
             rel = {t: relative_performance(m, base["single"][t]["tasks"][t], kinds[t])
                    for t, m in result["tasks"].items()}
-        except KeyError as e:
+        except (KeyError, TypeError) as e:
             raise MtcError(f"the baselines lack task {e}", file=baselines) from None
         result["delta_t_i"] = rel
         result["delta_t"] = delta_t(list(rel.values()))
@@ -645,11 +726,11 @@ def train_cmd(run_dir: str, steps: int, lr: float, keep_weights: bool, plan_file
 @click.option("--run-dir", required=True, type=click.Path(file_okay=False))
 @click.option("--steps", type=click.IntRange(min=0), default=400, show_default=True,
               help="The same budget as mtc train.")
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True)
+@click.option("--lr", type=Number(min=0, min_open=True), default=1e-3, show_default=True)
 @click.option("--head-width", type=click.IntRange(min=1, max=65536), default=256, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--input-shape", metavar="DIMS", default=None)
-@click.option("--width", type=click.FloatRange(min=0, max=1, min_open=True), default=None, metavar="R",
+@click.option("--width", type=Number(min=0, max=1, min_open=True), default=None, metavar="R",
               help="Train only the hard-shared model, every prunable channel group slimmed to the first R of its "
                    "channels (a static model at a uniform width, e.g. MTL-Static against a slimmable supernet).")
 @click.option("--round-to", "round_to", type=click.IntRange(min=1), default=1, show_default=True, metavar="K",
@@ -665,7 +746,7 @@ def baseline_cmd(model: str, tasks: str, data: str, run_dir: str, steps: int, lr
     from mtc.tasks import parse_tasks
     from mtc.train.baseline import run_baselines
     from mtc.train.posttrain import TrainOptions
-    from mtc.train.run import RunDir
+    from mtc.train.run import RunDir, session
 
     task_list = parse_tasks(tasks)
     shape = parse_input_shape(input_shape)
@@ -675,9 +756,11 @@ def baseline_cmd(model: str, tasks: str, data: str, run_dir: str, steps: int, lr
     if run.file("baselines.json").exists():
         raise MtcError("the run directory already holds baselines (use a new --run-dir)", file=run_dir)
     opts = TrainOptions(steps=steps, batch_size=batch_size, lr=lr, seed=seed, checkpoint_every=checkpoint_every,
-                        amp=amp)
-    out = run_baselines(model, task_list, train, val, run, opts, input_shape=shape, head_width=head_width,
-                        device=_device(device, amp), progress=not quiet, width=width, round_to=round_to)
+                        amp=amp, data=data)
+    dev = _device(device, amp)
+    with session(run, what=f"mtc baseline {model}", checkpoint="train"):
+        out = run_baselines(model, task_list, train, val, run, opts, input_shape=shape, head_width=head_width,
+                            device=dev, progress=not quiet, width=width, round_to=round_to)
     if width is not None:
         click.echo(f"hard-shared at width {width:g}: {out['multi']['params']:,} params, {out['multi']['macs']:,} "
                    f"MACs; wrote {run.file('baselines.json')}")
@@ -842,19 +925,19 @@ def export_cmd(source: str, out: str, tasks: tuple[str, ...], all_tasks: bool, f
 @main.command("prune")
 @click.argument("model")
 @click.option("-o", "--output", "out", required=True, type=click.Path(dir_okay=False), help="The pruned .onnx file.")
-@click.option("--ratio", type=float, default=None, metavar="R",
+@click.option("--ratio", type=Number(0, 1, min_open=True, max_open=True), default=None, metavar="R",
               help="Remove this fraction of every prunable group's channels, 0 < R < 1.")
 @click.option("--keep", "keep", default=None, metavar="GROUP=N,...",
               help="Keep N channels of GROUP (a name or id from mtc inspect --channels); wins over --ratio.")
 @click.option("--importance", type=click.Choice(["l1", "l2", "random"]), default="l1", show_default=True,
               help="Which channels to keep: largest L1 or L2 norm of the producers' weights, or random (--seed).")
-@click.option("--round-to", "round_to", type=int, default=1, show_default=True, metavar="K",
+@click.option("--round-to", "round_to", type=click.IntRange(min=1), default=1, show_default=True, metavar="K",
               help="With --ratio: kept counts are multiples of K (a group smaller than K is kept whole).")
 @click.option("--ignore", default=None, metavar="NODE,...", help="Leave the groups that touch these nodes whole.")
 @click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
               help="onnxruntime execution provider for verification and the report.")
 @click.option("--report/--no-report", default=True, show_default=True, help="Measure and print the report.")
-@click.option("--repeat", type=int, default=30, show_default=True, help="Timed runs per model in the report.")
+@click.option("--repeat", type=click.IntRange(min=1), default=30, show_default=True, help="Timed runs per model in the report.")
 @_frontend_options
 def prune_cmd(model: str, out: str, ratio: float | None, keep: str | None, importance: str, round_to: int,
               ignore: str | None, provider: str, report: bool, repeat: int, input_shape: str | None,
@@ -930,8 +1013,8 @@ def _load_inputs(specs: tuple[str, ...], names: list[str]) -> list[Any] | None:
 @click.argument("model_path", metavar="MODEL", type=click.Path(dir_okay=False))
 @click.option("--input", "input_specs", multiple=True, metavar="[NAME=]FILE.npy",
               help="Input array (.npy), repeated per graph input; random (seeded) by default.")
-@click.option("--atol", type=click.FloatRange(min=0), default=None, help="Absolute tolerance (default 1e-5).")
-@click.option("--rtol", type=click.FloatRange(min=0), default=None,
+@click.option("--atol", type=Number(min=0), default=None, help="Absolute tolerance (default 1e-5).")
+@click.option("--rtol", type=Number(min=0), default=None,
               help="Tolerance relative to each output's scale (max |onnxruntime output|; default 1e-4).")
 @click.option("--compile", "use_compile", is_flag=True, help="Also check the module under torch.compile.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random inputs.")

@@ -46,6 +46,8 @@ _TRUE = {"true", "yes", "on"}
 _FALSE = {"false", "no", "off"}
 #: samples of each split whose format :func:`load_data` checks
 CHECK_SAMPLES = 4
+#: A data set with more samples than this is refused (a permutation of it would not fit in memory).
+MAX_SAMPLES = 10**9
 
 
 def builtin_names() -> list[str]:
@@ -245,7 +247,7 @@ def load_data(
         result = factory(task_list, shape, int(seed), **options)
     except MtcError as e:
         raise _fail(ds.text, e.message) from None
-    except Exception as e:
+    except (Exception, SystemExit) as e:  # a plug-in calling sys.exit() must not end mtc silently
         raise _fail(ds.text, f"factory raised {type(e).__name__}: {e}") from None
     if not isinstance(result, tuple | list) or len(result) != 2:
         raise _fail(ds.text, f"factory returned {type(result).__name__}, expected a (train, val) pair")
@@ -258,9 +260,15 @@ def load_data(
 def _check_dataset(spec: str, split: str, data: Any, tasks: list[TaskSpec], shape: tuple[int, ...]) -> None:
     if not (hasattr(data, "__len__") and hasattr(data, "__getitem__")):
         raise _fail(spec, f"the {split} set is a {type(data).__name__}, not a map-style dataset")
-    n = len(data)
+    try:
+        n = len(data)
+    except Exception as e:
+        raise _fail(spec, f"the {split} set's __len__ raised {type(e).__name__}: {e}") from None
     if n == 0:
         raise _fail(spec, f"the {split} set is empty")
+    if not isinstance(n, int) or n > MAX_SAMPLES:
+        raise _fail(spec, f"the {split} set claims {n} samples; at most {MAX_SAMPLES:,} are supported "
+                          "(batches draw permutations of the whole set)")
     by_name = {t.name: t for t in tasks}
     for i in range(min(n, CHECK_SAMPLES)):
         where = f"{split} sample {i}"
@@ -271,37 +279,47 @@ def _check_dataset(spec: str, split: str, data: Any, tasks: list[TaskSpec], shap
         _check_sample(spec, where, sample, by_name, shape)
 
 
-def _check_sample(
-    spec: str, where: str, sample: Any, tasks: Mapping[str, TaskSpec], shape: tuple[int, ...]
-) -> None:
+def sample_problem(sample: Any, tasks: Mapping[str, TaskSpec], shape: tuple[int, ...], *,
+                   other_tasks: bool = False) -> tuple[str, str | None] | None:
+    """What is wrong with one ``(image, {task: target})`` sample, as ``(message, task)``, or None.
+
+    ``other_tasks``: targets of tasks not in ``tasks`` are ignored (a single-task baseline trains
+    on the data of every task) instead of being a problem.
+    """
     import torch
 
     if not isinstance(sample, tuple | list) or len(sample) != 2 or not isinstance(sample[1], Mapping):
-        raise _fail(spec, f"{where} is not an (image, {{task: target}}) pair")
+        return "is not an (image, {task: target}) pair", None
     image, targets = sample
     try:
         image = torch.as_tensor(image)
     except Exception:
-        raise _fail(spec, f"{where}: the image is a {type(image).__name__}, not a tensor") from None
+        return f"the image is a {type(image).__name__}, not a tensor", None
     if tuple(image.shape) != shape:
-        raise _fail(
-            spec, f"{where}: image shape {tuple(image.shape)} differs from the backbone input {shape} (C, H, W)"
-        )
+        return f"image shape {tuple(image.shape)} differs from the backbone input {shape} (C, H, W)", None
     if not image.is_floating_point():
-        raise _fail(spec, f"{where}: the image is {image.dtype}, expected a float tensor")
+        return f"the image is {image.dtype}, expected a float tensor", None
     unknown = [k for k in targets if k not in tasks]
-    if unknown:
-        raise _fail(
-            spec,
-            f"{where} has a target for task '{unknown[0]}', which is not in --tasks "
-            f"({', '.join(tasks) or 'none'})",
-        )
+    if unknown and not other_tasks:
+        return (f"has a target for task '{unknown[0]}', which is not in --tasks ({', '.join(tasks) or 'none'})",
+                unknown[0])
     for name, target in targets.items():
-        if target is None:
+        if target is None or name not in tasks:
             continue
         problem = _target_problem(tasks[name], target, shape[1:])
         if problem:
-            raise _fail(spec, f"{where}: task '{name}': {problem}")
+            return problem, name
+    return None
+
+
+def _check_sample(
+    spec: str, where: str, sample: Any, tasks: Mapping[str, TaskSpec], shape: tuple[int, ...]
+) -> None:
+    found = sample_problem(sample, tasks, shape)
+    if found is not None:
+        msg, task = found
+        sep = " " if msg.startswith(("is ", "has ")) else ": "
+        raise _fail(spec, f"{where}{sep}" + (f"task '{task}': {msg}" if task and not msg.startswith("has ") else msg))
 
 
 def expected_target_shapes(task: TaskSpec, hw: Sequence[int]) -> list[tuple[int, ...]]:

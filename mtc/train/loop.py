@@ -20,16 +20,58 @@ from mtc.tasks.spec import TaskSpec
 
 
 class Batcher:
-    """Deterministic batches from a map-style dataset: step s of stream ``tag`` under ``seed``."""
+    """Deterministic batches from a map-style dataset: step s of stream ``tag`` under ``seed``.
 
-    def __init__(self, dataset: Any, tasks: Sequence[TaskSpec], batch_size: int, seed: int, tag: str) -> None:
-        if len(dataset) == 0:
+    Every sample is checked as it is read (structure, image shape, each task's target shape and
+    labels): bad data that shows up after the first batches stops the run with one line naming the
+    data set (``spec``), the sample's index in it and the task.
+    """
+
+    def __init__(self, dataset: Any, tasks: Sequence[TaskSpec], batch_size: int, seed: int, tag: str, *,
+                 spec: str | None = None, shape: tuple[int, ...] | None = None) -> None:
+        from mtc.data.registry import MAX_SAMPLES
+
+        n = len(dataset)
+        if n == 0:
             raise MtcError(f"the {tag} data set is empty", file="--data")
+        if n > MAX_SAMPLES:
+            raise MtcError(f"the {tag} data set claims {n} samples; at most {MAX_SAMPLES:,} are supported",
+                           file="--data")
         self.dataset = dataset
         self.tasks = list(tasks)
-        self.batch_size = min(batch_size, len(dataset))
+        self.by_name = {t.name: t for t in self.tasks}
+        self.batch_size = min(batch_size, n)
         self.seed = seed
+        self.name = tag
         self.tag = zlib.crc32(tag.encode())
+        self.spec = spec
+        self.shape = shape
+
+    def source_index(self, i: int) -> int:
+        """The index of sample ``i`` in the data set the plug-in returned (through subsets)."""
+        ds, j = self.dataset, i
+        while hasattr(ds, "indices") and hasattr(ds, "dataset"):
+            j = int(ds.indices[j])
+            ds = ds.dataset
+        return j
+
+    def where(self, i: int) -> str:
+        spec = f"--data '{self.spec}': " if self.spec else "--data: "
+        return f"{spec}sample {self.source_index(i)} (stream '{self.name}')"
+
+    def sample(self, i: int) -> Any:
+        from mtc.data.registry import sample_problem
+
+        try:
+            s = self.dataset[i]
+        except Exception as e:
+            raise MtcError(f"{self.where(i)} cannot be read ({type(e).__name__}: {e})") from None
+        if self.shape is not None:
+            found = sample_problem(s, self.by_name, self.shape, other_tasks=True)
+            if found is not None:
+                msg, task = found
+                raise MtcError(f"{self.where(i)}: " + (f"task '{task}': {msg}" if task else msg))
+        return s
 
     def indices(self, step: int) -> np.ndarray:
         # Each epoch is a fresh permutation; step s reads its slice of the epoch's permutation.
@@ -39,8 +81,25 @@ class Batcher:
         return perm[k * self.batch_size:(k + 1) * self.batch_size]
 
     def batch(self, step: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, dict[str, torch.Tensor | None]]:
-        images, targets = collate_batch([self.dataset[int(i)] for i in self.indices(step)], self.tasks)
+        idx = [int(i) for i in self.indices(step)]
+        samples = [self.sample(i) for i in idx]
+        try:
+            images, targets = collate_batch(samples, self.tasks)
+        except (ValueError, TypeError, RuntimeError) as e:
+            raise MtcError(f"{self.where(idx[0])}: the batch of step {step} does not collate ({e})") from None
         return images.to(device), {k: (v.to(device) if v is not None else None) for k, v in targets.items()}
+
+    def non_finite(self, step: int) -> str | None:
+        """The first sample of batch ``step`` whose image or a target holds NaN or Inf, if any."""
+        for i in (int(i) for i in self.indices(step)):
+            image, targets = self.dataset[i]
+            if not torch.isfinite(torch.as_tensor(image, dtype=torch.float32)).all():
+                return f"{self.where(i)}: its image holds NaN or Inf"
+            for name, t in targets.items():
+                if t is not None and torch.as_tensor(t).is_floating_point() \
+                        and not torch.isfinite(torch.as_tensor(t)).all():
+                    return f"{self.where(i)}: task '{name}': its target holds NaN or Inf"
+        return None
 
 
 def step_seed(seed: int, stage: str, step: int) -> int:

@@ -32,6 +32,7 @@ class TrainOptions:
     seed: int = 0
     keep_weights: bool = False
     amp: bool = False  # bfloat16 autocast on CUDA
+    data: str | None = None  # the --data spec, named in errors about the data
 
 
 def plan_module(model: ir.Model, plan: Plan, *, device: str = "cpu") -> GraphModule:
@@ -50,7 +51,7 @@ def train_module(run: RunDir, module: GraphModule, tasks: list[Any], train: Any,
     """
     weights = {k: p for k, p in module.named_initializers().items() if isinstance(p, torch.nn.Parameter)}
     cfg = TrainConfig(batch_size=opts.batch_size, checkpoint_every=opts.checkpoint_every, log_every=opts.log_every,
-                      seed=opts.seed, amp=opts.amp, task_weights=opts.task_weights)
+                      seed=opts.seed, amp=opts.amp, task_weights=opts.task_weights, data=opts.data)
     trainer = Trainer(run, module, tasks,
                       optimizers=[OptimizerSpec("weights", weights, opts.lr, decay=opts.lr_decay,
                                                 decay_every=opts.lr_decay_every)],

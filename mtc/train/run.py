@@ -202,3 +202,92 @@ class RunDir:
         if meta.get("format") != CHECKPOINT_FORMAT or "step" not in meta:
             raise MtcError("corrupt checkpoint (not an mtc checkpoint)", file=str(p))
         return tensors, meta
+
+
+# --- one process per run directory ----------------------------------------------------------------
+LOCK = ".lock"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
+
+
+class RunLock:
+    """``.lock`` in a run directory while a command writes into it: a second process is refused with
+    a line naming the holder; a lock whose process is gone (a kill) is taken over."""
+
+    def __init__(self, path: Path, what: str) -> None:
+        self.file = path / LOCK
+        self.what = what
+        self.held = False
+
+    def __enter__(self) -> RunLock:
+        import socket
+
+        host = socket.gethostname()
+        for _ in range(2):
+            try:
+                fd = os.open(self.file, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                try:
+                    pid_s, _, rest = self.file.read_text().partition(" ")
+                    holder_host, _, cmd = rest.partition(" ")
+                    pid = int(pid_s)
+                except (OSError, ValueError):
+                    pid, holder_host, cmd = -1, host, "?"
+                if holder_host == host and pid > 0 and _alive(pid):
+                    raise MtcError(f"the run directory is in use by process {pid} ({cmd.strip()}): wait for it to end "
+                                   f"or stop it (a stale lock is removed automatically)",
+                                   file=str(self.file.parent)) from None
+                if holder_host != host and pid > 0:
+                    raise MtcError(f"the run directory is in use by process {pid} on {holder_host} ({cmd.strip()}); "
+                                   f"delete {self.file} if that process is gone", file=str(self.file.parent)) from None
+                with contextlib.suppress(FileNotFoundError):
+                    self.file.unlink()  # stale: its process was killed
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(f"{os.getpid()} {host} {self.what}\n")
+            self.held = True
+            return self
+        raise MtcError("cannot take the run directory's lock", file=str(self.file.parent))
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.held:
+            with contextlib.suppress(FileNotFoundError):
+                self.file.unlink()
+            self.held = False
+
+
+@contextlib.contextmanager
+def session(run: RunDir, *, what: str, checkpoint: str):
+    """A command's time in a run directory: locked, and removed again if the command created it
+    and fails before writing its first checkpoint (nothing half-made is left)."""
+    import shutil
+
+    created = not run.path.exists()
+    run.path.mkdir(parents=True, exist_ok=True)
+    lock = RunLock(run.path, what)
+    ok = False
+    try:
+        with lock:
+            yield run
+            ok = True
+    finally:
+        if not ok and created and not run.has_checkpoint(checkpoint) \
+                and not any(run.path.rglob(f"*{CHECKPOINT_SUFFIX}")):
+            shutil.rmtree(run.path, ignore_errors=True)
+
+
+def differing(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """``--option VALUE (run: OLD)`` for every key whose value changed (for --resume)."""
+    out = []
+    for k in sorted(set(recorded) | set(current)):
+        if recorded.get(k) != current.get(k):
+            out.append(f"--{k.replace('_', '-')} {current.get(k)!r} (the run has {recorded.get(k)!r})")
+    return out

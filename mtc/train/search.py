@@ -118,7 +118,7 @@ def split_options(options: dict[str, Any]) -> tuple[TrainConfig, dict[str, Any]]
 
 def run_search(run: RunDir, model: ir.Model, train: Any, val: Any, options: Any = None, *,
                strategy: str | None = None, device: str = "cpu", resume: bool = False, progress: bool = True,
-               stop_after: int | None = None) -> Plan:
+               stop_after: int | None = None, data_spec: str | None = None) -> Plan:
     """Search ``model``'s space with ``strategy`` (default: the space's); writes ``plan.json``.
 
     Args:
@@ -133,6 +133,8 @@ def run_search(run: RunDir, model: ir.Model, train: Any, val: Any, options: Any 
     elif not isinstance(options, dict):
         options = {k: v for k, v in asdict(options).items()}
     config, own = split_options(options)
+    if data_spec is not None:
+        config.data = data_spec
     space = space_of_model(model)
     cls = space.strategy(strategy)
     opts = resolve_options(cls.options, {k: v for k, v in own.items() if k in {o.name for o in cls.options}},

@@ -37,10 +37,20 @@ class TrainConfig:
     amp: bool = False
     task_weights: dict[str, float] | None = None
     eval_batches: int | None = 4
+    data: str | None = None  # the --data spec, named in errors about the data
 
 
 class Stopped(Exception):
     """Raised by :meth:`Trainer.run` with ``stop_after``: the run ends as if killed there."""
+
+
+def _input_chw(module: GraphModule) -> tuple[int, ...] | None:
+    """The (C, H, W) a sample's image must have, from the module's static input shape."""
+    graph_inputs = list(module.model.graph.inputs)
+    if len(graph_inputs) != 1 or graph_inputs[0].shape is None:
+        return None
+    dims = list(graph_inputs[0].shape)[1:]
+    return tuple(dims) if all(isinstance(d, int) for d in dims) else None  # type: ignore[arg-type]
 
 
 def _build_optimizer(spec: OptimizerSpec) -> tuple[torch.optim.Optimizer, Any]:
@@ -117,7 +127,9 @@ class Trainer:
                     raise MtcError(f"stage '{st.name}' steps unknown optimiser '{missing[0]}'")
                 if u.stream not in streams:
                     raise MtcError(f"stage '{st.name}' reads unknown data stream '{u.stream}'")
-        self.batchers = {k: Batcher(ds, self.tasks, config.batch_size, config.seed, k) for k, ds in streams.items()}
+        shape = _input_chw(module)
+        self.batchers = {k: Batcher(ds, self.tasks, config.batch_size, config.seed, k, spec=config.data, shape=shape)
+                         for k, ds in streams.items()}
         self.weights = {t.name: (config.task_weights or {}).get(t.name, 1.0) for t in self.tasks}
         self.total = sum(s.steps for s in self.stages)
         self.step = 0  # global step: updates done
@@ -221,7 +233,8 @@ class Trainer:
         """One update: clear every gradient, forward a batch, task losses (+ extras), backward, step."""
         for opt, _ in self.optims.values():
             opt.zero_grad(set_to_none=True)
-        images, targets = self.batchers[u.stream].batch(s, self.device)
+        batcher = self.batchers[u.stream]
+        images, targets = batcher.batch(s, self.device)
         # One pass, or several accumulated before one step (Update.passes: the sandwich rule).
         setups: list[Any] = list(u.passes(s)) if u.passes is not None else [None]
         first: dict[str, torch.Tensor] | None = None
@@ -231,7 +244,11 @@ class Trainer:
             if setup is not None:
                 setup()
             losses = task_losses(autocast_forward(self.module, images, self.config.amp), targets, self.tasks)
-            check_finite(losses, stage.name, s, resumable=self._has_checkpoint)
+            try:
+                check_finite(losses, stage.name, s, resumable=self._has_checkpoint)
+            except MtcError as e:
+                cause = batcher.non_finite(s)  # bad data rather than a diverging run?
+                raise MtcError(f"{e.message}; {cause}" if cause else e.message) from None
             loss = torch.stack([self.weights[k] * v for k, v in losses.items()]).sum()
             if u.extra_loss is not None:
                 term, more = u.extra_loss(s)
