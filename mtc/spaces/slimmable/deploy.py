@@ -78,11 +78,13 @@ def export_choice(run: Any, model: ir.Model, options: dict[str, Any], *, device:
         raise MtcError("give --budget B (and --preference T=V,..) or --widths FILE")
     tau = parse_preference(pref_text, tasks) if pref_text else dict.fromkeys(tasks, 1.0)
     budget = parse_macs(budget_text) if budget_text else None
+    # What fails on the files alone fails before any graph work.
+    cfg = space.read_widths_file(widths_file, model) if widths_file else None
+    weights, source = supernet_weights(run)
     cost = cost_model(model, space, deployed)
     lo, hi = cost.macs(space.smallest()), cost.macs(space.full())
     info: dict[str, Any] = {"space": "slimmable", "macs_range": [lo, hi]}
-    if widths_file:
-        cfg = space.read_widths_file(widths_file, model)
+    if cfg is not None:
         info["widths_file"] = widths_file
     else:
         b = float(hi) if budget is None else budget
@@ -109,7 +111,6 @@ def export_choice(run: Any, model: ir.Model, options: dict[str, Any], *, device:
     macs = cost.macs(cfg)
     info["predicted_macs"] = macs
     plan = space.to_plan(cfg, info={k: v for k, v in info.items() if k in ("budget_macs", "preference")})
-    weights, source = supernet_weights(run)
     module = lower_supernet(model, device=device)
     module.load_ir_state(weights, source=source)
     controls_of(module).set(space, cfg)

@@ -111,7 +111,7 @@ def train_predictor(x: np.ndarray, y: np.ndarray, tasks: list[str], *, epochs: i
     xt = torch.as_tensor(x, dtype=torch.float32)
     yt = torch.as_tensor((y - mean) / std, dtype=torch.float32)
     opt = torch.optim.Adam(net.parameters(), lr=lr)
-    curve = []
+    curve: list[float] = []
     net.train()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a 100-wide MLP on 16 rows: threads cost more than they save
