@@ -82,6 +82,14 @@ class Option:
             except (ValueError, TypeError) as e:
                 raise MtcError(f"{self.flag}: {e}") from None
         d = self.default
+        if isinstance(value, str) and self.parse is None and isinstance(d, int | float) and not isinstance(d, bool):
+            # Command-line text: when strategies declare one name with different types, the CLI
+            # passes the text through and each strategy's option converts it.
+            try:
+                value = int(value) if isinstance(d, int) else float(value)
+            except ValueError:
+                what = "an integer" if isinstance(d, int) else "a number"
+                raise MtcError(f"{self.flag}: expected {what}, got {value!r}") from None
         if isinstance(d, bool):
             if not isinstance(value, bool):
                 raise MtcError(f"{self.flag}: expected true or false, got {value!r}")
