@@ -140,3 +140,15 @@ def test_bad_compile_options_are_one_line_exit_2(tmp_path):
 def test_the_width_file_round_trips_through_the_plan(run):
     plan = json.loads((run / "run" / "plan.json").read_text())
     assert plan["space"] == "slimmable" and set(np.unique(list(plan["info"]["ratios"].values()))) == {1.0}
+
+
+def test_mtc_check_snapshot_of_a_slimmable_supergraph(tmp_path):
+    """The graph-regression snapshot (`mtc check --space slimmable`) of tiny_resnet with two tasks."""
+    from pathlib import Path
+
+    golden = Path(__file__).parent / "golden" / "tiny_resnet-2tasks.json"
+    r = _mtc("check", str(BACKBONES / "tiny_resnet.onnx"), "--tasks", "seg,depth", "--head-width", "32", "--space",
+             "slimmable", "--golden", str(golden), cwd=tmp_path)
+    assert r.returncode == 0, r.stdout
+    snap = json.loads(golden.read_text())
+    assert snap["space"] == "slimmable" and snap["width_choices"] == {"encoder": 12, "decoders": {"depth": 8, "seg": 8}}
