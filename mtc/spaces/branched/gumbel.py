@@ -91,7 +91,8 @@ class GumbelTreeSearch(Strategy):
         ids = {id(p) for p in self.logits}
         weights = {k: p for k, p in module.named_initializers().items()
                    if isinstance(p, torch.nn.Parameter) and id(p) not in ids}
-        policy = {f"{c}.policy": p for c, p in zip(self.blocks.choices, self.logits, strict=True)}
+        policy = {f"{c}.policy": p for c, p in zip(self.blocks.choices, self.logits, strict=True)
+                  if isinstance(p, torch.nn.Parameter)}
         return [OptimizerSpec("weights", weights, float(self.opts["weight_lr"])),
                 OptimizerSpec("policy", policy, float(self.opts["policy_lr"]))]
 

@@ -42,7 +42,7 @@ def plot_tree(path: str | Path, levels: Sequence[Partition], tasks: Sequence[str
     root = (float(np.mean(range(n))), 1.0)
     ax.plot(*root, "o", color="black", ms=6)
     ax.text(root[0], root[1] + 0.25, "input", ha="center", fontsize=9)
-    for d, p in enumerate(levels):
+    for d in range(D):
         for b, (x, y) in pos[d].items():
             parent = root if d == 0 else next(v for c, v in pos[d - 1].items() if c & b == b)
             ax.plot([parent[0], x], [parent[1], y], "-", color="#4477aa", lw=2)

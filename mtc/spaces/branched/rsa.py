@@ -71,8 +71,11 @@ class RsaSearch(Strategy):
             raise MtcError(f"--rsa-images {k}: the validation set has only {len(host.val)} images")
         single = load_single_task(self.model, o["baselines"]) if o["baselines"] else None
 
+        # The affinities of an earlier attempt are reused only if they came from the same models and images.
+        source = {"baselines": str(o["baselines"]), "single_steps": int(o["single_steps"]),
+                  "single_lr": float(o["single_lr"]), "rsa_images": k, "seed": host.seed}
         saved = host.state("affinity")
-        if saved is None:
+        if saved is None or host.state("affinity_source") != source:
             weights = per_copy_encoders(self.model, single) if single is not None else self._train(host, blocks)
             images = torch.stack([torch.as_tensor(host.val[i][0], dtype=torch.float32) for i in range(k)])
             from mtc.spaces.branched.lowering import location_features
@@ -82,6 +85,7 @@ class RsaSearch(Strategy):
             A, _ = affinities(feats)
             host.log({"stage": "rsa", "step": 0, "images": k, "seconds": round(time.perf_counter() - t0, 3)})
             host.save_state("affinity", A.tolist())
+            host.save_state("affinity_source", source)
         else:
             A = np.asarray(saved, dtype=np.float64)
         self._write_affinity(host, A, blocks, k, "baselines" if single is not None else "trained here")
