@@ -916,9 +916,9 @@ def export_cmd(source: str, out: str, tasks: tuple[str, ...], all_tasks: bool, f
             click.echo(f"budget asked {_human(info['budget_macs'])} MACs; delivered {_human(f['macs'])} MACs "
                        f"({f['macs']:,}; fused model, {f['latency_ms']:.3f} ms median)")
         click.echo(f"wrote {rep['path']}")
-    elif "budget_macs" in info:
-        click.echo(f"budget asked {_human(info['budget_macs'])} MACs; predicted {_human(info['predicted_macs'])} "
-                   "MACs (fused model)")
+    if "budget_macs" in info and (not report or rep.get("fused") is None):
+        click.echo(f"budget asked {_human(info['budget_macs'])} MACs; the fused model costs "
+                   f"{_human(info['predicted_macs'])} MACs (cost model)")
 
 
 # ------------------------------------------------------------------------------------------- prune
