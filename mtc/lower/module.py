@@ -24,9 +24,9 @@ import torch
 from torch import nn
 
 from mtc.errors import MtcError
+from mtc.ir.names import gc_paused
 from mtc.lower import mtc_ops as _mtc_ops  # noqa: F401  (registers the ai.mtc ops)
 from mtc.lower import ops as _ops  # noqa: F401  (registers the built-in ops)
-from mtc.ir.names import gc_paused
 from mtc.lower.controls import Controls
 from mtc.lower.fusion import fuse
 from mtc.lower.registry import (

@@ -38,9 +38,8 @@ def lower_search(model: ir.Model, controls: Controls | None = None, *, device: t
         batch_copies: run each op choice's per-task copies (and down-sampling skips) as one grouped
             convolution instead of one convolution per task.
     """
-    from mtc.passes.manager import PassManager, resolve
-
     from mtc.ir.names import gc_paused
+    from mtc.passes.manager import PassManager, resolve
 
     sg.check_format(model)
     with gc_paused():
@@ -60,9 +59,8 @@ def lower_fixed(model: ir.Model, plan: Any, *, device: torch.device | str | None
     Raises:
         MtcError: the plan does not match the supergraph (naming the choice point).
     """
-    from mtc.passes.specialize import Specialize
-
     from mtc.ir.names import gc_paused
+    from mtc.passes.specialize import Specialize
 
     sg.check_format(model)
     with gc_paused():
