@@ -72,6 +72,8 @@ class Site:
     producers: list[str] = field(default_factory=list)
     consumers: list[str] = field(default_factory=list)
     members: list[str] = field(default_factory=list)
+    #: channel ranges ``[start, stop)`` of the parallel branches a Concat joins here (branch sites)
+    branches: list[list[int]] = field(default_factory=list)
 
 
 def _values(model: ir.Model) -> dict[str, ir.Value]:
@@ -197,6 +199,12 @@ def _site(model: ir.Model, group: Group, values: dict[str, ir.Value], order: dic
     value, why = consumer_facing(model, group, values=values, order=order)
     if value is None:
         return None, why
+    shape = values[value].shape
+    mb = next(m for m in group.members if m.value == value and m.axis == 1)
+    if shape is None or not isinstance(shape[1], int) or mb.size != group.size or not np.array_equal(
+            mb.units, np.arange(group.size)):
+        return None, (f"its tensor '{value}' holds its channels in blocks or mixed with others (a grouped or "
+                      "depthwise convolution, a Concat): a mask there would not map one to one onto the group")
     return Site(group=group.name, value=value, channels=group.size,
                 norms=_norms_before(model, group, value, values),
                 producers=list(dict.fromkeys(p.node for p in group.producers)),
@@ -219,6 +227,80 @@ def candidate_sites(model: ir.Model, channels: Channels | None = None) -> list[S
     return sorted(out, key=lambda s: pos[s.value])
 
 
+def branch_sites(model: ir.Model, channels: Channels | None = None) -> tuple[list[Site], dict[str, str]]:
+    """Sites where a Concat joins parallel branches (an Inception-style block): the mask sits on
+    the Concat's output (or after the zero-keeping ops that follow it) and each branch's channels are
+    one component. Returns the sites and, for every other Concat, why it is none."""
+    channels = channels if channels is not None else analyze(model)
+    values = _values(model)
+    order = {node_name(n): i for i, n in enumerate(model.graph)}
+    out: list[Site] = []
+    why: dict[str, str] = {}
+    for n in model.graph:
+        if n.op_type != "Concat" or n.domain not in ("", "ai.onnx") or TASK_KEY in n.metadata_props:
+            continue
+        axis_attr = n.attributes.get("axis")
+        y = n.outputs[0]
+        rank = len(y.shape) if y.shape is not None else 0
+        axis = axis_attr.as_int() if axis_attr is not None else 0
+        if (axis + rank if axis < 0 else axis) != 1 or len(n.inputs) < 2:
+            why[node_name(n)] = "it does not join channels (axis 1) of two or more branches"
+            continue
+        units = channels.slots_of(y.name or "").get(1)
+        if units is None:
+            why[node_name(n)] = "its channel axis is not one the analysis knows"
+            continue
+        groups = [channels.groups[i] for i in sorted({int(channels.unit_group[u]) for u in units})]
+        bad = next((g for g in groups if not g.prunable), None)
+        if bad is not None:
+            why[node_name(n)] = f"group '{bad.name}' is not prunable: {bad.reason}"
+            continue
+        # The tensor the consumers of every branch group read: the Concat output or after it.
+        value, reason = None, ""
+        chain = [y]
+        while True:
+            users = list(chain[-1].uses())
+            if len(users) == 1 and _zero_keeping(users[0][0], users[0][1]) and users[0][0].op_type != "Concat":
+                chain.append(users[0][0].outputs[0])
+            else:
+                break
+        for v in reversed(chain):
+            ok = True
+            for g in groups:
+                reach: set[str] = set()
+                stack: list[str] = [str(v.name)]
+                while stack:
+                    cur = stack.pop()
+                    if cur in reach:
+                        continue
+                    reach.add(cur)
+                    for user, idx in values[cur].uses():
+                        if _zero_keeping(user, idx):
+                            stack.extend(o.name for o in user.outputs if o.name)
+                if any(c.value not in reach for c in g.consumers):
+                    ok = False
+                    c0 = next(c for c in g.consumers if c.value not in reach)
+                    reason = f"'{c0.node}' reads branch group '{g.name}' through '{c0.value}', not through the Concat"
+                    break
+            if ok:
+                value = v.name
+                break
+        if value is None:
+            why[node_name(n)] = reason
+            continue
+        ranges, off = [], 0
+        for x in n.inputs:
+            c = int(x.shape[1]) if x is not None and x.shape is not None and isinstance(x.shape[1], int) else 0
+            ranges.append([off, off + c])
+            off += c
+        norms = sorted({b for g in groups for b in _norms_before(model, g, value, values)}, key=lambda b: order[b])
+        out.append(Site(group=node_name(n), value=str(value), channels=off, norms=norms,
+                        producers=list(dict.fromkeys(p.node for g in groups for p in g.producers)),
+                        consumers=list(dict.fromkeys(c.node for g in groups for c in g.consumers)),
+                        members=list(dict.fromkeys(m for g in groups for m in _member_values(g))), branches=ranges))
+    return out, why
+
+
 def every_other(sites: Sequence[Site]) -> list[Site]:
     """Drop a site whose producers read an earlier kept site (masks after every other layer)."""
     kept: list[Site] = []
@@ -229,6 +311,29 @@ def every_other(sites: Sequence[Site]) -> list[Site]:
         kept.append(s)
         read.update(s.consumers)
     return kept
+
+
+def resolve_branch_sites(model: ir.Model, spec: str, *, channels: Channels | None = None,
+                         flag: str = "--sites") -> list[Site]:
+    """Branch sites (:func:`branch_sites`): ``all``, ``last-third`` or Concat node/output names."""
+    sites, why = branch_sites(model, channels)
+    spec = spec.strip()
+    if spec in (ALL, LAST_THIRD):
+        if not sites:
+            detail = "; ".join(f"'{k}': {v}" for k, v in list(why.items())[:2])
+            raise MtcError("--components branches: no Concat in the backbone joins parallel branches that can hold "
+                           "per-task masks" + (f" ({detail})" if detail else ""))
+        return sites[len(sites) - max(1, math.ceil(len(sites) / 3)):] if spec == LAST_THIRD else sites
+    out = []
+    for name in (n.strip() for n in spec.split(",") if n.strip()):
+        site = next((s for s in sites if name in (s.group, s.value)), None)
+        if site is None:
+            node = next((n for n in model.graph for o in n.outputs if name in (n.name, o.name)), None)
+            reason = why.get(node_name(node)) if node is not None and node.op_type == "Concat" else None
+            raise MtcError(f"{flag}: '{name}' is not a Concat of parallel branches that can hold per-task masks"
+                           + (f": {reason}" if reason else " (--components branches)"))
+        out.append(site)
+    return out
 
 
 def resolve_sites(model: ir.Model, spec: str, *, alternate: bool, channels: Channels | None = None,
@@ -322,9 +427,10 @@ class MaskSites(Pass):
     options = ("sites", "alternate", "task_norm", "space")
 
     def __init__(self, *, name: str, sites: str, alternate: bool, task_norm: bool, space: str, version: int = 1,
-                 space_options: dict[str, Any] | None = None, info: Any = None) -> None:
+                 space_options: dict[str, Any] | None = None, info: Any = None, branches: bool = False) -> None:
         self.name = name
         self.sites = sites
+        self.branches = branches
         self.alternate = alternate
         self.task_norm = task_norm
         self.space = space
@@ -339,7 +445,8 @@ class MaskSites(Pass):
             raise MtcError("no tasks: run attach-heads first", pass_name=self.name)
 
     def call(self, model: ir.Model) -> PassResult:
-        sites = resolve_sites(model, self.sites, alternate=self.alternate)
+        sites = (resolve_branch_sites(model, self.sites) if self.branches
+                 else resolve_sites(model, self.sites, alternate=self.alternate))
         self.resolved = sites
         entry = entry_point(model, sites)
         s = Streams(model, pass_name=self.name)
@@ -396,6 +503,8 @@ class MaskSites(Pass):
         s.finish(n, f"{name}.masked", v)
         s.redirect(v, n.outputs[0], uses, was_output)
         extra = self.info(site) if callable(self.info) else (self.info or {}).get(name, {})
+        if site.branches:
+            extra = {"branches": site.branches, **extra}
         info = {"space": self.space, "group": site.group, "producers": site.producers, "consumers": site.consumers,
                 "norms": site.norms if self.task_norm else [], "batchnorms": site.norms, **extra}
         return sg.ChoicePoint(kind="mask", name=name, node=node_name(n), input=name, output=f"{name}.masked",

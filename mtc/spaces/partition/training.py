@@ -92,7 +92,10 @@ def _copy_node(g: ir.Graph, n: ir.Node, inputs: list[ir.Value | None], suffix: s
 
 
 def _is_weight(v: ir.Value | None) -> bool:
-    return v is not None and (v.is_initializer() or (v.producer() is not None and is_mtc(v.producer(), "CopyOf")))
+    if v is None:
+        return False
+    p = v.producer()
+    return v.is_initializer() or (p is not None and is_mtc(p, "CopyOf"))
 
 
 def training_form(model: ir.Model, space: str, *, backward: bool) -> ir.Model:
@@ -146,8 +149,9 @@ def _separate(g: ir.Graph, c: sg.ChoicePoint, z: ir.Value, tasks: list[str], sto
         p = _node(g, pname)
         y = p.outputs[0]
         uses = list(y.uses())
-        ins = [(_stop(g, v, p, stops) if i > 0 and _is_weight(v) else v) for i, v in enumerate(p.inputs)]
-        twin = _copy_node(g, p, ins, ".sg")
+        p_ins: list[ir.Value | None] = [(_stop(g, v, p, stops) if i > 0 and v is not None and _is_weight(v) else v)
+                                        for i, v in enumerate(p.inputs)]
+        twin = _copy_node(g, p, p_ins, ".sg")
         blend = ir.node("Blend", [y, twin.outputs[0]], domain=DOMAIN, name=f"{pname}.blend",
                         attributes={"choice": ir.AttrString("choice", c.name), "tasks": ir.AttrInt64("tasks", T)})
         g.insert_after(twin, blend)
@@ -168,17 +172,17 @@ def _separate(g: ir.Graph, c: sg.ChoicePoint, z: ir.Value, tasks: list[str], sto
     # Consumers: split reads by the backward mask.
     for cname in info.get("consumers", []):
         n = _node(g, cname)
-        idx = [k for k, v in enumerate(n.inputs) if v is z]
+        reads = [j for j, v in enumerate(n.inputs) if v is z]
         task = n.metadata_props.get(TASK_KEY)
-        if task is not None and not idx:
+        if task is not None and not reads:
             # A head reading the site (through pooling, Flatten): the head is the task's own, so its
             # weight's input channels get the task's backward mask as a parameter view.
             _head_view(g, n, c, tasks.index(task), T)
             continue
-        if not idx or n.op_type not in _LINEAR or n.domain not in ("", "ai.onnx"):
+        if not reads or n.op_type not in _LINEAR or n.domain not in ("", "ai.onnx"):
             raise MtcError(f"backward masks need every consumer of site '{c.name}' to be a Conv, Gemm or MatMul "
                            f"reading it directly or a task's head; '{cname}' ({n.op_type}) is not")
-        k = idx[0]
+        k = reads[0]
         zb = _op(g, "RowMask", [z], f"{cname}.zb", z, n, choice=c.name, tasks=T)
         zs = _op(g, "Sub", [z, zb], f"{cname}.zs", z, n)
         n.replace_input_with(k, zb)
@@ -201,8 +205,8 @@ def _separate(g: ir.Graph, c: sg.ChoicePoint, z: ir.Value, tasks: list[str], sto
         add = ir.node("Add", [out, twin.outputs[0]], name=f"{cname}.sum")
         g.insert_after(twin, add)
         _like(add.outputs[0], out, f"{out.name}.sum")
-        for user, i in uses:
-            user.replace_input_with(i, add.outputs[0])
+        for user, ui in uses:
+            user.replace_input_with(ui, add.outputs[0])
         if was_output:
             outs = g.outputs
             outs[[i for i, v in enumerate(outs) if v is out][0]] = add.outputs[0]
