@@ -57,6 +57,8 @@ ES_OPTIONS = (
     Option("noise", 0.1, "std of the random directions (Mania et al.'s nu)", low=0.0, low_open=True),
     Option("diag_penalty", 1e-3, "weight of the L2 penalty on P's diagonal: how much channel use costs (paper: "
            "1e-3, 'es (wd 1e-3)')", low=0.0),
+    Option("random_samples", 0, "random P scored before the ES steps (the grey map of the paper's Fig. 5 under the "
+           "ES trajectory)", low=0),
     Option("init", "", "the starting P (JSON matrix or rows separated by ';'; default: a random P)", metavar="P"),
     *_COMMON,
 )
