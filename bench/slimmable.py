@@ -47,6 +47,11 @@ def mtc(*args: str, cwd: Path, log: Path) -> None:
     print(f"[{time.time() - t0:6.0f} s] mtc {' '.join(args)}", flush=True)
 
 
+def _resume(work: Path, d: str) -> tuple[str, ...]:
+    """``--resume`` for a search that was interrupted after its first checkpoint (same options)."""
+    return ("--resume",) if (work / d / "checkpoints").is_dir() and any((work / d / "checkpoints").iterdir()) else ()
+
+
 def run_all(work: Path, seeds: list[int], steps: int) -> None:
     work.mkdir(parents=True, exist_ok=True)
     log = work / "commands.log"
@@ -60,11 +65,11 @@ def run_all(work: Path, seeds: list[int], steps: int) -> None:
         if not (work / f"ecmt-s{s}" / "controllability.json").exists():
             mtc("search", "slim.mtc.onnx", "--data", DATA, "--run-dir", f"ecmt-s{s}", "--seed", str(s),
                 "--steps", str(steps), "--calib-batches", "10", "--predictor-samples", "100", "--sweep-levels",
-                "5", "--quiet", cwd=work, log=log)
+                "5", "--quiet", *_resume(work, f"ecmt-s{s}"), cwd=work, log=log)
         if not (work / f"nokd-s{s}" / "controllability.json").exists():
             mtc("search", "slim.mtc.onnx", "--data", DATA, "--run-dir", f"nokd-s{s}", "--seed", str(s),
                 "--steps", str(steps), "--calib-batches", "10", "--kd-weight", "0", "--predictor-samples", "0",
-                "--quiet", cwd=work, log=log)
+                "--quiet", *_resume(work, f"nokd-s{s}"), cwd=work, log=log)
         for b, r in static_widths(work, s).items():
             d = f"static-{b.rstrip('%')}-s{s}"
             if not (work / d / "baselines.json").exists():

@@ -101,9 +101,10 @@ def parse_preference(text: str, tasks: list[str]) -> dict[str, float]:
     return out
 
 
-def parse_budgets(text: str) -> tuple[str, ...]:
-    """The HV budgets: comma-separated MAC counts or percentages of the largest sub-network."""
-    items = tuple(p.strip() for p in text.split(",") if p.strip())
+def parse_budgets(text: str) -> list[str]:
+    """The HV budgets: comma-separated MAC counts or percentages of the largest sub-network (a list,
+    as config.json records it: ``--resume`` compares the two)."""
+    items = [p.strip() for p in text.split(",") if p.strip()]
     if not items:
         raise ValueError("give at least one budget (e.g. 50%,90%)")
     for it in items:
@@ -122,13 +123,14 @@ def parse_budgets(text: str) -> tuple[str, ...]:
     return items
 
 
-def parse_reference(text: str) -> tuple[float, ...] | str:
-    """``auto`` or one positive number per task (the HV reference point in loss space)."""
+def parse_reference(text: str) -> list[float] | str:
+    """``auto`` or one positive number per task (the HV reference point in loss space; a list, as
+    config.json records it)."""
     s = text.strip()
     if s == "auto":
         return s
     try:
-        vals = tuple(float(v) for v in s.split(","))
+        vals = [float(v) for v in s.split(",")]
     except ValueError:
         raise ValueError(f"'{s}' is not 'auto' or a comma-separated list of numbers") from None
     if not vals or any(not math.isfinite(v) or v <= 0 for v in vals):
@@ -172,7 +174,7 @@ STRATEGY_OPTIONS = (
     Option("preferences", 20, "task preferences drawn for the HV figures (paper: 20, after CDMA)", low=1),
     Option("alpha", 0.2, "Dirichlet concentration of the drawn preferences (paper: 0.2 NYUD-v2/PASCAL, 1.0 "
            "CIFAR-100)", low=0.0, low_open=True),
-    Option("budgets", ("50%", "90%"), "the two budgets of the HV figures: MACs (0.6GMAC) or % of the largest "
+    Option("budgets", ["50%", "90%"], "the two budgets of the HV figures: MACs (0.6GMAC) or % of the largest "
            "sub-network", parse=parse_budgets, metavar="B1,B2"),
     Option("hv_ref", "auto", "HV reference point in task-loss space, one value per task; auto: 1.1 x the "
            "largest loss measured for the predictor (paper: [4,4,4] NYUD-v2)", parse=parse_reference,

@@ -68,6 +68,21 @@ def test_budgets_and_preferences_parse():
         parse_preference("seg=-0.1", ["seg", "depth"])
 
 
+def test_strategy_options_survive_config_json_so_resume_accepts_them():
+    """``mtc search --resume`` compares the options with config.json: each value, default or parsed
+    from the command line, must read back from JSON as itself (a tuple reads back as a list)."""
+    import json
+
+    from mtc.spaces import resolve_options
+    from mtc.spaces.slimmable.options import STRATEGY_OPTIONS
+    from mtc.train.run import differing
+
+    for given in ({}, {"budgets": "40%,2.5e6", "hv_ref": "2,3.5"}):
+        opts = resolve_options(STRATEGY_OPTIONS, given, what="ecmt")
+        assert differing(json.loads(json.dumps(opts)), opts) == [], given
+    assert resolve_options(STRATEGY_OPTIONS, {"hv_ref": "2,3.5"}, what="ecmt")["hv_ref"] == [2.0, 3.5]
+
+
 def test_width_count_rounds_like_the_pruner():
     assert [width_count(16, r) for r in RATIOS] == [5, 6, 8, 10, 11, 13, 14, 16]  # round(16 r), halves up
     assert width_count(64, 0.3, 8) == 16  # 19.2 -> 19 -> nearest multiple of 8

@@ -280,3 +280,24 @@ def test_a_sandwich_step_is_b_networks_one_optimiser_step_and_ci_kd_on_children_
     assert set(got) == {k for k, p in own.items() if p.grad is not None}
     for k, g in got.items():
         torch.testing.assert_close(g, own[k].grad, rtol=1e-4, atol=1e-6, msg=k)
+
+
+def test_a_killed_sandwich_training_resumes_to_the_uninterrupted_weights(tmp_path):
+    from mtc.train.run import RunDir, module_tensors, read_tensors
+    from mtc.train.search import run_search
+
+    model = _compile("tiny_resnet.onnx", 32, tasks="seg:seg:3,depth:depth:1")
+    train, val = _Scenes(8, 32, 0), _Scenes(4, 32, 1)
+    opts = {"batch_size": 4, "steps": 3, "checkpoint_every": 1, "predictor_samples": 0, "calib_batches": 1}
+    run_search(RunDir(tmp_path / "a"), model, train, val, opts, progress=False)
+    run_search(RunDir(tmp_path / "b"), model, train, val, opts, progress=False, stop_after=2)
+    run_search(RunDir(tmp_path / "b"), model, train, val, opts, progress=False, resume=True)
+
+    def weights(d: str) -> dict[str, torch.Tensor]:
+        t = module_tensors(read_tensors(tmp_path / d / "checkpoints" / "search.safetensors")[0])
+        return {k: v for k, v in t.items() if "running" not in k and not k.endswith((".mean", ".var"))}
+
+    a, b = weights("a"), weights("b")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
