@@ -1,0 +1,129 @@
+"""Search efficacy of the branched space (issue 13, "Done when" 4): CPU, small settings, seeds 0, 1, 2.
+
+On a 4-task ``relatedness`` benchmark of two related pairs (tasks t1, t2 and t3, t4: ρ = 1 inside
+a pair, orthogonal weight vectors across pairs):
+
+1. ``rsa``: at the last location the affinity inside each pair is higher than any affinity across
+   the pairs, and the tree chosen at a two-branch budget (the hard-shared model plus one copy of the
+   last block) puts each pair on its own branch;
+2. ``gumbel``: the tree's first split is the same grouping, each pair on its own branch
+   (``@pytest.mark.slow``: ``make test-slow``; the rsa half runs in ``make test``).
+
+Settings (every one is recorded here and in docs/results.md, "Branched networks: efficacy"):
+
+- backbone: :class:`Backbone`, 3 layers written as convolutions: a Conv whose 4x4 kernel covers the
+  whole ``(1, 4, 4)`` input (a fully connected layer), then two 1x1 Convs; WIDTH channels each,
+  bias-free, each followed by BatchNorm + ReLU; ``torch.manual_seed(0)`` weights. Compiled with
+  ``--space branched --locations 3`` (the three ReLU outputs: one block per layer), head width 8.
+  The narrow layers make sharing a block across the pairs cost accuracy (two unrelated regressions
+  through one narrow layer), which is what a gradient-based search can see.
+- data: ``relatedness?rho=1&d=16&n_train=2000&n_val=200`` (the paper's m = 6 sine terms, c = 1,
+  α_k = k, β_k = (k−1)², noise variance 0.01), data seed = run seed.
+- rsa: single-task models trained here for RSA_STEPS steps (Adam, lr RSA_LR, batch 8), K = 200
+  held-out images, budget unit parameters.
+- gumbel: the options in GUMBEL (the BMTAS defaults otherwise: Adam 1e-3 / 1e-2, τ 5 → 0.1
+  linearly, 80/20 split), batch 32.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+HERE = Path(__file__).resolve().parent
+SEEDS = (0, 1, 2)
+WIDTH = 4
+INPUT_SHAPE = (1, 1, 4, 4)
+TASKS = "t1:regress:1,t2:regress:1,t3:regress:1,t4:regress:1"
+DATA = "relatedness?rho=1&d=16&n_train=2000&n_val=200"
+PAIRS = [["t1", "t2"], ["t3", "t4"]]
+RSA_STEPS, RSA_LR, RSA_IMAGES = 300, 5e-3, 200
+GUMBEL = {"warmup_steps": 50, "search_steps": 400, "resource_weight": 0.1}
+
+
+class Backbone(nn.Module):
+    """FC layer over the whole (1, 4, 4) input (as a 4x4 Conv), then two 1x1 Convs; BN + ReLU."""
+
+    def __init__(self, width: int = WIDTH, in_shape: tuple[int, int, int] = INPUT_SHAPE[1:]) -> None:
+        super().__init__()
+        c, h, w = in_shape
+        layers: list[nn.Module] = []
+        for i in range(3):
+            layers += [nn.Conv2d(c, width, (h, w) if i == 0 else 1, bias=False), nn.BatchNorm2d(width), nn.ReLU()]
+            c = width
+        self.body = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+def factory() -> nn.Module:
+    torch.manual_seed(0)
+    return Backbone()
+
+
+@pytest.fixture(scope="module")
+def setup():
+    from mtc.frontends import import_model
+    from mtc.spaces import compile_supergraph
+    from mtc.spaces.branched import blocks_of
+    from mtc.tasks.spec import tasks_of
+
+    if str(HERE) not in sys.path:
+        sys.path.insert(0, str(HERE))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny layers: extra threads only contend on a 2-core machine
+    model = import_model("test_branched_efficacy:factory", input_shape=INPUT_SHAPE)
+    compile_supergraph(model, tasks=TASKS, head_width=8, feature=model.graph.outputs[0].name, space="branched",
+                       locations="3")
+    b = blocks_of(model)
+    assert len(b.choices) == 3
+    yield model, b, tasks_of(model)
+    torch.set_num_threads(threads)
+
+
+def _search(setup, tmp_path, seed: int, strategy: str, opts: dict):
+    from mtc.data import load_data
+    from mtc.train.run import RunDir
+    from mtc.train.search import run_search
+
+    model, b, tasks = setup
+    train, val = load_data(DATA, tasks, INPUT_SHAPE[1:], seed)
+    run = RunDir(tmp_path / f"{strategy}{seed}")
+    plan = run_search(run, model, train, val, {"checkpoint_every": 10**9, "log_every": 10**9, "seed": seed, **opts},
+                      strategy=strategy, progress=False)
+    return plan, run
+
+
+def _groups(level) -> list[list[str]]:
+    return sorted(sorted(g) for g in level)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_rsa_affinity_is_higher_inside_the_pairs_and_the_two_branch_tree_separates_them(setup, tmp_path, seed):
+    _, b, _ = setup
+    two_branch = b.shared_size("params") + b.params[-1]
+    _, run = _search(setup, tmp_path, seed, "rsa", {"batch_size": 8, "single_steps": RSA_STEPS, "single_lr": RSA_LR,
+                                                     "rsa_images": RSA_IMAGES, "budget": str(two_branch)})
+    A = np.array(run.read_json("affinity.json")["affinity"])[-1]
+    inside = min(A[0, 1], A[2, 3])
+    across = max(A[0, 2], A[0, 3], A[1, 2], A[1, 3])
+    assert inside > across, np.round(A, 3)
+    tree = run.read_json("tree.json")
+    assert [len(level) for level in tree["levels"]] == [1, 1, 2]
+    assert _groups(tree["levels"][-1]) == PAIRS, tree["levels"]
+
+
+@pytest.mark.slow  # about 25-50 s a seed on 2 shared cores: make test-slow
+@pytest.mark.parametrize("seed", SEEDS)
+def test_gumbel_finds_the_same_grouping(setup, tmp_path, seed):
+    _, run = _search(setup, tmp_path, seed, "gumbel", {"batch_size": 32, **GUMBEL})
+    tree = run.read_json("tree.json")
+    first = next((level for level in tree["levels"] if len(level) > 1), tree["levels"][-1])
+    assert _groups(first) == PAIRS, json.dumps(tree["levels"])
