@@ -12,7 +12,8 @@
 3. The tree of least clustering cost within the budget, found exactly
    (:func:`mtc.spaces.branched.trees.best_tree`); ``tree.json``, ``tree.png`` (the paper's Fig. 2)
    and the plan. ``--budgets`` adds the tree of every budget (the paper's Fig. 5 path) and
-   ``--random-trees`` random trees of the chosen tree's size, each as a run directory under
+   ``--random-trees`` random trees of the chosen tree's size (distinct, and not the chosen tree,
+   while such trees remain), each as a run directory under
    ``trees/`` that ``mtc train`` post-trains and ``mtc report`` compares.
 
 The affinities survive ``--resume`` (the host's state), so a resumed search does not retrain.
@@ -42,7 +43,7 @@ from mtc.spaces.branched.blocks import (
     tree_to_plan,
 )
 from mtc.spaces.branched.options import RSA_OPTIONS
-from mtc.spaces.branched.trees import Partition, SearchResult, best_tree, random_tree, tree_cost
+from mtc.spaces.branched.trees import Partition, SearchResult, best_tree, random_trees, tree_cost
 
 TREES = "trees"
 
@@ -98,8 +99,9 @@ class RsaSearch(Strategy):
             assert r.levels is not None
             self._sub_run(host, f"budget-{text}", A, blocks, r.levels, unit, {"budget": text, "budget_value": value})
         rng = np.random.default_rng([host.seed, 0xB7])
-        for i in range(int(o["random_trees"])):
-            levels = random_tree(len(blocks.tasks), [len(p) for p in res.levels], rng)
+        drawn = random_trees(len(blocks.tasks), [len(p) for p in res.levels], int(o["random_trees"]), rng,
+                             exclude=[res.levels])
+        for i, levels in enumerate(drawn):
             self._sub_run(host, f"random-{i + 1}", A, blocks, levels, unit, {"random": i + 1})
         host.log({"stage": "search-end", "step": 0, "cost": res.cost, unit: res.size, "trees": res.feasible})
         return plan

@@ -311,3 +311,25 @@ def random_tree(n: int, blocks: Sequence[int], rng: np.random.Generator) -> list
         out.append(lat.parts[p])
         cands = kids[p]
     return out
+
+
+def random_trees(n: int, blocks: Sequence[int], count: int, rng: np.random.Generator,
+                 exclude: Sequence[Sequence[Partition]] = ()) -> list[list[Partition]]:
+    """``count`` trees drawn as :func:`random_tree` draws one, each different from the others and
+    from ``exclude`` (the chosen tree) while such trees remain: a uniform draw without replacement.
+    When fewer trees of these group counts exist than asked for, the rest repeat.
+
+    Raises:
+        MtcError: no tree has these group counts.
+    """
+    seen = {tuple(tuple(p) for p in t) for t in exclude}
+    out: list[list[Partition]] = []
+    for _ in range(count):
+        tree = random_tree(n, blocks, rng)
+        for _attempt in range(500):  # rejection: cheap next to the training each tree gets
+            if tuple(tree) not in seen:
+                break
+            tree = random_tree(n, blocks, rng)
+        seen.add(tuple(tree))
+        out.append(tree)
+    return out

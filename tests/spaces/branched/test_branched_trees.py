@@ -150,6 +150,20 @@ def test_random_trees_have_the_group_counts_and_are_uniform():
     assert chi2 < 3 * len(want), chi2
 
 
+def test_random_trees_are_distinct_and_not_the_excluded_tree_while_others_remain():
+    counts = [1, 1, 2]  # 4 tasks: the 7 partitions into two groups at the last level
+    want = {tuple(c) for c in _brute_trees(4, 3) if [len(p) for p in c] == counts}
+    assert len(want) == 7
+    chosen = T.random_tree(4, counts, np.random.default_rng(0))
+    for seed in range(20):
+        drawn = T.random_trees(4, counts, 3, np.random.default_rng(seed), exclude=[chosen])
+        keys = [tuple(_as_sets(t)) for t in drawn]
+        assert len(set(keys)) == 3 and tuple(_as_sets(chosen)) not in keys and set(keys) <= want
+    # more than exist: the six others first, then repeats
+    drawn = T.random_trees(4, counts, 8, np.random.default_rng(1), exclude=[chosen])
+    keys = [tuple(_as_sets(t)) for t in drawn]
+    assert set(keys[:6]) == want - {tuple(_as_sets(chosen))} and set(keys[6:]) <= want
+
 def test_brute_force_oracle_counts_match_known_values():
     # chains of length 2 in the partition lattice: 3, 12, 60, 358 for 2..5 elements (OEIS A000258)
     assert [len(_brute_trees(n, 2)) for n in (2, 3, 4, 5)] == [3, 12, 60, 358]
