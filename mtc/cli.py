@@ -557,11 +557,41 @@ def _run_options(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--checkpoint-every", type=click.IntRange(min=1), default=50, show_default=True,
                      help="Steps between checkpoints."),
         click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None, help="Default: cuda when present."),
-        click.option("--amp", is_flag=True, help="bfloat16 autocast (CUDA only)."),
+        click.option("--amp", type=click.Choice(["bf16", "fp16"]), is_flag=False, flag_value="bf16", default=None,
+                     help="Mixed precision: --amp (bf16) bfloat16 autocast on CPU or CUDA; --amp fp16 float16 with a "
+                          "gradient scaler (CUDA). Losses and metrics stay float32."),
+        click.option("--weighting", type=click.Choice(["equal", "uncertainty", "dwa", "gradnorm", "pcgrad"]),
+                     default="equal", show_default=True,
+                     help="Task loss weighting (docs/scale.md): fixed λ_i, Kendall's uncertainty, DWA, GradNorm, "
+                          "PCGrad."),
+        click.option("--weighting-lr", type=Number(min=0, min_open=True), default=None,
+                     help="Learning rate of uncertainty's and gradnorm's weights (default: the network's)."),
+        click.option("--gradnorm-alpha", type=Number(min=0), default=1.5, show_default=True,
+                     help="GradNorm's α."),
+        click.option("--dwa-temperature", type=Number(min=0, min_open=True), default=2.0, show_default=True,
+                     help="DWA's temperature T."),
+        click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True,
+                     help="Processes preparing batches (the batches are the same whatever the number)."),
         click.option("--quiet", is_flag=True, help="No progress bar."),
     ]):
         f = deco(f)
     return f
+
+
+def _scale_options(kw: dict[str, Any]) -> tuple[dict[str, Any], int]:
+    """Pop the weighting and loading options: (what a run records: nothing for the default equal
+    weighting, so its config.json reads as before; only the constants its weighting reads), workers."""
+    name = kw.pop("weighting", "equal")
+    given = {"weighting_lr": kw.pop("weighting_lr", None), "gradnorm_alpha": kw.pop("gradnorm_alpha", 1.5),
+             "dwa_temperature": kw.pop("dwa_temperature", 2.0)}
+    reads = {"equal": (), "pcgrad": (), "uncertainty": ("weighting_lr",), "dwa": ("dwa_temperature",),
+             "gradnorm": ("weighting_lr", "gradnorm_alpha")}[name]
+    defaults = {"weighting_lr": None, "gradnorm_alpha": 1.5, "dwa_temperature": 2.0}
+    for k, v in given.items():
+        if k not in reads and v != defaults[k]:
+            raise MtcError(f"--{k.replace('_', '-')} does not apply to --weighting {name}")
+    out = {} if name == "equal" else {"weighting": name, **{k: given[k] for k in reads}}
+    return out, int(kw.pop("workers", 0))
 
 
 @main.command("search", cls=PluginCommand, plugin_params=_strategy_params)
@@ -594,11 +624,12 @@ def search_cmd(supergraph: str, data: str, run_dir: str, strategy: str | None, t
     if info is None:
         space.strategy(strategy)  # raises with the list of strategies
         return
+    scale, workers = _scale_options(kwargs)
     given = _given(kwargs, set(all_strategy_options()))
     strat_opts = resolve_options(info.options, given, what=f"strategy '{info.name}' of space '{space.name}'")
     tasks = tasks_of(model) or []
     options = {**strat_opts, "batch_size": batch_size, "checkpoint_every": checkpoint_every, "seed": seed,
-               "amp": amp, "task_weights": _task_weights(task_weights, tasks)}
+               "amp": amp or False, "task_weights": _task_weights(task_weights, tasks), **scale}
     config = {"supergraph": SUPERGRAPH, "supergraph_sha256": digest, "data": data, "seed": seed,
               "space": space.name, "strategy": info.name, "search": options}
     # A directory only belongs to a search once that search wrote a checkpoint: an attempt that
@@ -623,7 +654,8 @@ def search_cmd(supergraph: str, data: str, run_dir: str, strategy: str | None, t
         if not searched:
             shutil.copyfile(supergraph, run.file(SUPERGRAPH))
             run.write_json("config.json", config)
-        plan = run_search(run, model, train, val, options, strategy=info.name, device=dev, resume=resume,
+        plan = run_search(run, model, train, val, {**options, "workers": workers}, strategy=info.name,
+                          device=dev, resume=resume,
                           progress=not quiet, data_spec=data)
     decided = sum(len(per) for per in plan.ops.values())
     firsts = sum(1 for c, per in plan.ops.items() for o in per.values() if o == _first_option(model, c))
@@ -660,7 +692,7 @@ def _first_option(model, choice: str) -> str:
 @_run_options
 def train_cmd(run_dir: str, steps: int, lr: float, keep_weights: bool, plan_file: str | None,
               baselines: str | None, resume: bool, batch_size: int, checkpoint_every: int, device: str | None,
-              amp: bool, quiet: bool, init_from: str | None = None) -> None:
+              amp: str | None, quiet: bool, init_from: str | None = None, **kwargs: Any) -> None:
     """Post-train: train the plan's network (the derived multi-task model), then evaluate every task."""
     from mtc.data import load_data
     from mtc.export.api import read_plan
@@ -676,6 +708,7 @@ def train_cmd(run_dir: str, steps: int, lr: float, keep_weights: bool, plan_file
         raise MtcError("the run directory already holds a trained model: pass --resume to continue", file=run_dir)
     tasks = tasks_of(model) or []
     seed = int(cfg.get("seed", 0))
+    scale, workers = _scale_options(kwargs)
     train, val = load_data(cfg["data"], tasks, _input_chw(model), seed)
     searched = module_tensors(run.load_checkpoint("search")[0]) if keep_weights else None
     if init_from is not None:
@@ -685,11 +718,15 @@ def train_cmd(run_dir: str, steps: int, lr: float, keep_weights: bool, plan_file
 
         searched = space_of_model(model).init_from_baselines(model, plan, init_from)
     opts = TrainOptions(steps=steps, batch_size=batch_size, lr=lr, checkpoint_every=checkpoint_every, seed=seed,
-                        keep_weights=keep_weights or init_from is not None, amp=amp, data=str(cfg["data"]))
+                        keep_weights=keep_weights or init_from is not None, amp=amp or False, data=str(cfg["data"]),
+                        workers=workers, **scale)
     dev = _device(device, amp)
     base = RunDir(baselines).read_json("baselines.json") if baselines else None  # before any training
     recorded = {"steps": steps, "lr": lr, "batch_size": batch_size, "keep_weights": keep_weights,
                 "init_from_baselines": init_from, "plan": str(plan_file or PLAN)}
+    recorded.update(scale)
+    if amp:
+        recorded["amp"] = amp
     if resume and run.has_checkpoint("train") and isinstance(cfg.get("train"), dict):
         changed = differing(cfg["train"], recorded)
         if changed:
@@ -738,7 +775,7 @@ def train_cmd(run_dir: str, steps: int, lr: float, keep_weights: bool, plan_file
 @_run_options
 def baseline_cmd(model: str, tasks: str, data: str, run_dir: str, steps: int, lr: float, head_width: int, seed: int,
                  input_shape: str | None, width: float | None, round_to: int, batch_size: int, checkpoint_every: int,
-                 device: str | None, amp: bool, quiet: bool) -> None:
+                 device: str | None, amp: str | None, quiet: bool, **kwargs: Any) -> None:
     """Train the single-task models and the hard-shared multi-task model (the Δt reference); with
     --width R, only the hard-shared model, uniformly slimmed."""
     from mtc.data import load_data
@@ -748,6 +785,7 @@ def baseline_cmd(model: str, tasks: str, data: str, run_dir: str, steps: int, lr
     from mtc.train.posttrain import TrainOptions
     from mtc.train.run import RunDir, session
 
+    scale, workers = _scale_options(kwargs)
     task_list = parse_tasks(tasks)
     shape = parse_input_shape(input_shape)
     probe = import_model(model, input_shape=shape)
@@ -756,7 +794,7 @@ def baseline_cmd(model: str, tasks: str, data: str, run_dir: str, steps: int, lr
     if run.file("baselines.json").exists():
         raise MtcError("the run directory already holds baselines (use a new --run-dir)", file=run_dir)
     opts = TrainOptions(steps=steps, batch_size=batch_size, lr=lr, seed=seed, checkpoint_every=checkpoint_every,
-                        amp=amp, data=data)
+                        amp=amp or False, data=data, workers=workers, **scale)
     dev = _device(device, amp)
     with session(run, what=f"mtc baseline {model}", checkpoint="train"):
         out = run_baselines(model, task_list, train, val, run, opts, input_shape=shape, head_width=head_width,
@@ -1070,13 +1108,21 @@ def _verify_against(model_path: str, run_dir: str, task: str | None, seed: int) 
         click.echo(f"{name}: max relative difference {d:.3g} against the lowering of {run_dir}: ok")
 
 
-def _device(device: str | None, amp: bool) -> str:
-    """The torch device: CUDA when present unless told otherwise; --amp needs CUDA."""
+def _device(device: str | None, amp: str | bool | None) -> str:
+    """The torch device: CUDA when present unless told otherwise; --amp fp16 needs CUDA, --amp bf16 a
+    device with bfloat16 support."""
+    import torch
+
     dev = device or ("cuda" if _cuda() else "cpu")
     if dev == "cuda" and not _cuda():
         raise MtcError("--device cuda: no CUDA device is available")
-    if amp and dev != "cuda":
-        raise MtcError("--amp needs a CUDA device (mixed precision is not used on CPU)")
+    if amp == "fp16" and dev != "cuda":
+        raise MtcError("--amp fp16 needs a CUDA device (float16 with a gradient scaler); on the CPU use --amp bf16")
+    if amp and amp != "fp16":
+        if dev == "cuda" and not torch.cuda.is_bf16_supported():
+            raise MtcError("--amp bf16: this CUDA device has no bfloat16 support; use --amp fp16")
+        if dev == "cpu" and not torch.amp.autocast_mode.is_autocast_available("cpu"):
+            raise MtcError("--amp bf16: this torch has no CPU autocast")
     return dev
 
 

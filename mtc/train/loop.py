@@ -6,6 +6,7 @@ Gumbel noise an uninterrupted run would, so it ends in the same state.
 
 from __future__ import annotations
 
+import itertools
 import zlib
 from collections.abc import Sequence
 from typing import Any
@@ -28,7 +29,7 @@ class Batcher:
     """
 
     def __init__(self, dataset: Any, tasks: Sequence[TaskSpec], batch_size: int, seed: int, tag: str, *,
-                 spec: str | None = None, shape: tuple[int, ...] | None = None) -> None:
+                 spec: str | None = None, shape: tuple[int, ...] | None = None, workers: int = 0) -> None:
         from mtc.data.registry import MAX_SAMPLES
 
         n = len(dataset)
@@ -46,6 +47,11 @@ class Batcher:
         self.tag = zlib.crc32(tag.encode())
         self.spec = spec
         self.shape = shape
+        if workers < 0:
+            raise MtcError(f"--workers must be >= 0, got {workers}")
+        self.workers = workers
+        self._stream: Any = None  # the worker processes' iterator over consecutive steps
+        self._next = -1  # the step it yields next
 
     def source_index(self, i: int) -> int:
         """The index of sample ``i`` in the data set the plug-in returned (through subsets)."""
@@ -73,21 +79,62 @@ class Batcher:
                 raise MtcError(f"{self.where(i)}: " + (f"task '{task}': {msg}" if task else msg))
         return s
 
+    @property
+    def steps_per_epoch(self) -> int:
+        """Steps of one data epoch: every sample read once (the remainder is dropped)."""
+        return max(1, len(self.dataset) // self.batch_size)
+
+    def epoch(self, step: int) -> int:
+        """The data epoch step ``step`` reads from."""
+        return step // self.steps_per_epoch
+
     def indices(self, step: int) -> np.ndarray:
         # Each epoch is a fresh permutation; step s reads its slice of the epoch's permutation.
-        per_epoch = max(1, len(self.dataset) // self.batch_size)
-        epoch, k = divmod(step, per_epoch)
+        epoch, k = divmod(step, self.steps_per_epoch)
         perm = np.random.default_rng([self.seed, self.tag, epoch]).permutation(len(self.dataset))
         return perm[k * self.batch_size:(k + 1) * self.batch_size]
 
     def batch(self, step: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, dict[str, torch.Tensor | None]]:
+        """Batch ``step``: the same tensors whether read here or prepared by worker processes."""
+        if self.workers > 0:
+            images, targets = self._from_workers(step)
+        else:
+            images, targets = self.host_batch(step)
+        return images.to(device), {k: (v.to(device) if v is not None else None) for k, v in targets.items()}
+
+    def _from_workers(self, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor | None]]:
+        # Workers prepare consecutive steps ahead of the trainer (a torch DataLoader over step
+        # numbers); a step out of sequence (a resume, a new stage) starts them again from it.
+        if self._stream is None or step != self._next:
+            self.close()
+            loader = torch.utils.data.DataLoader(_Steps(self), batch_size=None, sampler=_From(step),
+                                                 num_workers=self.workers, collate_fn=_keep)
+            self._stream = iter(loader)
+        out = next(self._stream)
+        self._next = step + 1
+        if isinstance(out, MtcError):
+            self.close()
+            raise out
+        return out
+
+    def close(self) -> None:
+        """Stop the worker processes, if any."""
+        if self._stream is not None:
+            shutdown = getattr(self._stream, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
+            self._stream = None
+            self._next = -1
+
+    def host_batch(self, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor | None]]:
+        """Batch ``step`` on the CPU, read and collated in this process."""
         idx = [int(i) for i in self.indices(step)]
         samples = [self.sample(i) for i in idx]
         try:
             images, targets = collate_batch(samples, self.tasks)
         except (ValueError, TypeError, RuntimeError) as e:
             raise MtcError(f"{self.where(idx[0])}: the batch of step {step} does not collate ({e})") from None
-        return images.to(device), {k: (v.to(device) if v is not None else None) for k, v in targets.items()}
+        return images, targets
 
     def non_finite(self, step: int) -> str | None:
         """The first sample of batch ``step`` whose image or a target holds NaN or Inf, if any."""
@@ -100,6 +147,34 @@ class Batcher:
                         and not torch.isfinite(torch.as_tensor(t)).all():
                     return f"{self.where(i)}: task '{name}': its target holds NaN or Inf"
         return None
+
+
+class _Steps(torch.utils.data.Dataset):
+    """Step number -> that step's batch (or the MtcError that reading it raised, to re-raise as one
+    line in the trainer's process)."""
+
+    def __init__(self, batcher: Batcher) -> None:
+        self.batcher = batcher
+
+    def __getitem__(self, step: int) -> Any:
+        try:
+            return self.batcher.host_batch(step)
+        except MtcError as e:
+            return MtcError(str(e))
+
+
+class _From(torch.utils.data.Sampler[int]):
+    """Steps ``start``, ``start + 1``, ... (the trainer stops reading when its stage ends)."""
+
+    def __init__(self, start: int) -> None:
+        self.start = start
+
+    def __iter__(self) -> Any:
+        return itertools.count(self.start)
+
+
+def _keep(x: Any) -> Any:
+    return x
 
 
 def step_seed(seed: int, stage: str, step: int) -> int:
@@ -154,10 +229,24 @@ def count_parameters(module: torch.nn.Module, exclude: Sequence[torch.Tensor] = 
     return sum(p.numel() for p in module.parameters() if id(p) not in skip)
 
 
-def autocast_forward(module: torch.nn.Module, images: torch.Tensor, amp: bool) -> Any:
-    """The forward pass, under bfloat16 autocast on CUDA with ``--amp`` (bf16 needs no loss scaling)."""
+def amp_dtype(amp: bool | str | None) -> torch.dtype | None:
+    """The autocast dtype of an ``--amp`` value: None (off), bfloat16 (``True``/``bf16``), float16 (``fp16``)."""
     if not amp:
+        return None
+    if amp is True or amp == "bf16":
+        return torch.bfloat16
+    if amp == "fp16":
+        return torch.float16
+    raise MtcError(f"--amp {amp!r}: expected bf16 or fp16")
+
+
+def autocast_forward(module: torch.nn.Module, images: torch.Tensor, amp: bool | str | None) -> Any:
+    """The forward pass, under autocast with ``--amp`` (bfloat16, or float16 on CUDA with a gradient
+    scaler) on the images' device; the outputs come back in float32, so losses and metrics are
+    computed in float32."""
+    dtype = amp_dtype(amp)
+    if dtype is None:
         return module(images)
-    with torch.autocast(device_type="cuda", dtype=torch.bfloat16):
+    with torch.autocast(device_type=images.device.type, dtype=dtype):
         outs = module(images)
-    return tuple(o.float() for o in outs)
+    return tuple(o.float() if o.is_floating_point() else o for o in outs)

@@ -31,8 +31,13 @@ class TrainOptions:
     log_every: int = 10
     seed: int = 0
     keep_weights: bool = False
-    amp: bool = False  # bfloat16 autocast on CUDA
+    amp: bool | str = False  # --amp: "bf16" (CPU or CUDA) or "fp16" (CUDA, with a gradient scaler)
     data: str | None = None  # the --data spec, named in errors about the data
+    weighting: str = "equal"  # --weighting (mtc.train.weighting)
+    weighting_lr: float | None = None
+    gradnorm_alpha: float = 1.5
+    dwa_temperature: float = 2.0
+    workers: int = 0  # --workers: processes preparing batches
 
 
 def plan_module(model: ir.Model, plan: Plan, *, device: str = "cpu") -> GraphModule:
@@ -51,7 +56,9 @@ def train_module(run: RunDir, module: GraphModule, tasks: list[Any], train: Any,
     """
     weights = {k: p for k, p in module.named_initializers().items() if isinstance(p, torch.nn.Parameter)}
     cfg = TrainConfig(batch_size=opts.batch_size, checkpoint_every=opts.checkpoint_every, log_every=opts.log_every,
-                      seed=opts.seed, amp=opts.amp, task_weights=opts.task_weights, data=opts.data)
+                      seed=opts.seed, amp=opts.amp, task_weights=opts.task_weights, data=opts.data,
+                      weighting=opts.weighting, weighting_lr=opts.weighting_lr, gradnorm_alpha=opts.gradnorm_alpha,
+                      dwa_temperature=opts.dwa_temperature, workers=opts.workers)
     trainer = Trainer(run, module, tasks,
                       optimizers=[OptimizerSpec("weights", weights, opts.lr, decay=opts.lr_decay,
                                                 decay_every=opts.lr_decay_every)],

@@ -22,8 +22,9 @@ from mtc.errors import MtcError
 from mtc.lower.module import GraphModule
 from mtc.spaces import OptimizerSpec, Stage, Update
 from mtc.tasks.spec import TaskSpec
-from mtc.train.loop import Batcher, autocast_forward, check_finite, step_seed, task_losses
+from mtc.train.loop import Batcher, amp_dtype, autocast_forward, check_finite, step_seed, task_losses
 from mtc.train.run import RunDir
+from mtc.train.weighting import UpdateInfo, make_weighting
 
 
 @dataclass
@@ -34,10 +35,15 @@ class TrainConfig:
     checkpoint_every: int = 50
     log_every: int = 10
     seed: int = 0
-    amp: bool = False
+    amp: bool | str = False  # False, True or "bf16" (bfloat16 autocast), "fp16" (float16 + GradScaler, CUDA)
     task_weights: dict[str, float] | None = None
     eval_batches: int | None = 4
     data: str | None = None  # the --data spec, named in errors about the data
+    weighting: str = "equal"  # mtc.train.weighting.WEIGHTINGS
+    weighting_lr: float | None = None  # the learned weightings' Adam; None: the first optimiser's lr
+    gradnorm_alpha: float = 1.5
+    dwa_temperature: float = 2.0
+    workers: int = 0  # processes preparing batches (0: in this one); the batches do not depend on it
 
 
 class Stopped(Exception):
@@ -128,9 +134,22 @@ class Trainer:
                 if u.stream not in streams:
                     raise MtcError(f"stage '{st.name}' reads unknown data stream '{u.stream}'")
         shape = _input_chw(module)
-        self.batchers = {k: Batcher(ds, self.tasks, config.batch_size, config.seed, k, spec=config.data, shape=shape)
+        self.batchers = {k: Batcher(ds, self.tasks, config.batch_size, config.seed, k, spec=config.data, shape=shape,
+                                    workers=config.workers)
                          for k, ds in streams.items()}
         self.weights = {t.name: (config.task_weights or {}).get(t.name, 1.0) for t in self.tasks}
+        lr = config.weighting_lr if config.weighting_lr is not None else (optimizers[0].lr if optimizers else 1e-3)
+        self.weighting = make_weighting(config.weighting, self.tasks, self.weights, lr=lr,
+                                        gradnorm_alpha=config.gradnorm_alpha,
+                                        dwa_temperature=config.dwa_temperature).to(device)
+        self.scaler: Any = None
+        if amp_dtype(config.amp) == torch.float16:  # float16 needs loss scaling (bfloat16 does not)
+            if not self.weighting.scalable:
+                raise MtcError(f"--amp fp16 does not combine with --weighting {config.weighting} (its per-task "
+                               "gradients are not loss-scaled): use --amp bf16")
+            self.scaler = torch.amp.GradScaler(torch.device(device).type)
+            scaler = self.scaler
+            self.weighting.backprop = lambda loss: scaler.scale(loss).backward()
         self.total = sum(s.steps for s in self.stages)
         self.step = 0  # global step: updates done
         self._has_checkpoint = False
@@ -159,6 +178,12 @@ class Trainer:
             meta["optim"][oname] = {"param_groups": groups, "slots": slots}
             if sched is not None:
                 meta["sched"][oname] = sched.state_dict()
+        if self.weighting.name != "equal":  # an equal weighting's checkpoint is what it always was
+            wt, wmeta = self.weighting.state()
+            tensors.update(wt)
+            meta["weighting"] = wmeta
+        if self.scaler is not None:
+            meta["scaler"] = self.scaler.state_dict()
         return tensors, meta
 
     def load_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any], *, source: str) -> None:
@@ -183,6 +208,10 @@ class Trainer:
                 if sched is not None:
                     sched.load_state_dict(meta["sched"][oname])
             self.module.controls.load_state(meta.get("controls", {}))
+            if self.weighting.name != "equal" or "weighting" in meta:
+                self.weighting.load_state(tensors, meta.get("weighting", {"name": "equal"}))
+            if self.scaler is not None:
+                self.scaler.load_state_dict(meta["scaler"])
         except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as e:
             raise MtcError(f"the checkpoint does not belong to this training ({type(e).__name__}: {e}); use a new "
                            "--run-dir or drop --resume", file=source) from None
@@ -233,14 +262,17 @@ class Trainer:
         """One update: clear every gradient, forward a batch, task losses (+ extras), backward, step."""
         for opt, _ in self.optims.values():
             opt.zero_grad(set_to_none=True)
+        self.weighting.zero_grad()
         batcher = self.batchers[u.stream]
         images, targets = batcher.batch(s, self.device)
+        info = UpdateInfo(key=f"{stage.name}/{u.stream}", step=s, epoch=batcher.epoch(s),
+                          params=self._update_params(u), module=self.module, seed=self.config.seed)
         # One pass, or several accumulated before one step (Update.passes: the sandwich rule).
         setups: list[Any] = list(u.passes(s)) if u.passes is not None else [None]
         first: dict[str, torch.Tensor] | None = None
         extra: dict[str, Any] = {}
         per_pass: list[dict[str, float]] = []
-        for setup in setups:
+        for k, setup in enumerate(setups):
             if setup is not None:
                 setup()
             losses = task_losses(autocast_forward(self.module, images, self.config.amp), targets, self.tasks)
@@ -249,13 +281,12 @@ class Trainer:
             except MtcError as e:
                 cause = batcher.non_finite(s)  # bad data rather than a diverging run?
                 raise MtcError(f"{e.message}; {cause}" if cause else e.message) from None
-            loss = torch.stack([self.weights[k] * v for k, v in losses.items()]).sum()
+            term = None
             if u.extra_loss is not None:
                 term, more = u.extra_loss(s)
                 extra.update(more)
-                if term is not None:
-                    loss = loss + term
-            loss.backward()
+            info.pass_index = k
+            extra.update(self.weighting.backward(losses, term, info))
             first = losses if first is None else first
             per_pass.append({k: float(v.detach()) for k, v in losses.items()})
         if u.passes is not None:
@@ -264,10 +295,26 @@ class Trainer:
         losses = first
         for oname in u.optimizers:
             opt, sched = self.optims[oname]
-            opt.step()
+            if self.scaler is not None:
+                self.scaler.step(opt)  # skipped when the scaled gradients overflowed
+            else:
+                opt.step()
             if sched is not None:
                 sched.step()
+        if self.scaler is not None:
+            self.weighting.step(self.scaler.step)
+            self.scaler.update()
+        else:
+            self.weighting.step()
         return losses, extra
+
+    def _update_params(self, u: Update) -> list[torch.nn.Parameter]:
+        """The parameters an update's optimisers step (each once)."""
+        seen: dict[int, torch.nn.Parameter] = {}
+        for oname in u.optimizers:
+            for p in self.specs[oname].params.values():
+                seen.setdefault(id(p), p)
+        return list(seen.values())
 
     def run(self, *, resume: bool = False, stop_after: int | None = None) -> None:
         """Run the stages to the end (from the checkpoint with ``resume``).
@@ -307,5 +354,7 @@ class Trainer:
                 if self.step % self.config.checkpoint_every == 0 or self.step == self.total:
                     self.checkpoint()
         finally:
+            for b in self.batchers.values():
+                b.close()
             if bar is not None:
                 bar.stop()

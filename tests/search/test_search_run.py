@@ -145,12 +145,24 @@ def test_baseline_train_with_delta_and_report(tmp_path, supergraph):
     assert "Δt %" in (tmp_path / "rep.md").read_text() and "single-task" in r.stdout
 
 
-def test_amp_needs_cuda(tmp_path, supergraph):
+def test_amp_fp16_needs_cuda(tmp_path, supergraph):
     import torch
 
     if torch.cuda.is_available():
         pytest.skip("a CUDA device is present")
-    r = mtc("search", str(supergraph), "--data", "tinydata:factory", "--run-dir", "run", "--amp", *SMALL,
+    r = mtc("search", str(supergraph), "--data", "tinydata:factory", "--run-dir", "run", "--amp", "fp16", *SMALL,
             cwd=tmp_path)
-    assert r.returncode == 2 and "--amp needs a CUDA device" in r.stderr
+    assert r.returncode == 2 and "--amp fp16 needs a CUDA device" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "run").exists()
+
+
+def test_amp_bf16_search_on_cpu_runs_and_its_loss_falls(tmp_path, supergraph):
+    mtc("search", str(supergraph), "--data", "tinydata:factory?n=64", "--run-dir", "run", "--amp",
+        "--pretrain-steps", "21", "--policy-steps", "1", "--batch-size", "8", "--checkpoint-every", "50", "--quiet",
+        cwd=tmp_path, check=True)
+    recs = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    pre = [r for r in recs if r.get("stage") == "pretrain" and "loss" in r]
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["search"]["amp"] == "bf16"
+    assert pre[-1]["loss"]["a"] < 0.5 * pre[0]["loss"]["a"], pre  # the regression task learns fast
+    assert sum(pre[-1]["loss"].values()) < sum(pre[0]["loss"].values()), pre
