@@ -22,7 +22,7 @@ COMPILE_OPTIONS = (
 _COMMON = (
     Option("proxy", "distill", "how a sample is scored: distill (feature distillation, the paper) or short-train (a "
            "short training on the task losses, the paper's baseline)", choices=PROXIES),
-    Option("teachers", "", "an mtc baseline run directory whose single-task models are the distillation teachers "
+    Option("baselines", "", "an mtc baseline run directory whose single-task models are the distillation teachers "
            "(default: train them on the fly)", metavar="DIR"),
     Option("teacher_steps", 300, "iterations of each single-task teacher trained on the fly", low=1),
     Option("teacher_lr", 1e-3, "Adam learning rate of the teachers trained on the fly", low=0.0, low_open=True),

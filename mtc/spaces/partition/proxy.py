@@ -176,7 +176,7 @@ def teacher_weights(model: ir.Model, tensors: dict[str, torch.Tensor], task: str
 
 
 def load_teachers(model: ir.Model, directory: str | Path, names: Sequence[str], shapes: dict[str, tuple[int, ...]],
-                  *, flag: str = "--teachers") -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+                  *, flag: str = "--baselines") -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
     """Every task's teacher tensors (by the supergraph's IR names) from an ``mtc baseline`` run, and
     the students' start: its hard-shared model (``multi/``) where the run has one (every task's
     BatchNorm copy from its one BatchNorm), else nothing.
@@ -256,8 +256,8 @@ class Distiller:
         self.log = log or (lambda rec: None)
         self.init = {k: v.detach().clone() for k, v in self._all_tensors().items()}
         shapes = {k: tuple(v.shape) for k, v in self.init.items()}
-        if opts.get("teachers"):
-            self.teachers, shared = load_teachers(model, str(opts["teachers"]), list(self.init), shapes)
+        if opts.get("baselines"):
+            self.teachers, shared = load_teachers(model, str(opts["baselines"]), list(self.init), shapes)
             self.init.update(shared)
         else:
             # The teachers are fine-tuned from one shared model, which the students start from (the

@@ -95,8 +95,8 @@ class _PartitionSearch(Strategy):
 
             self.proxy = Distiller(self.model, host.train, host.val, o, seed=host.seed, device=host.device,
                                    log=host.log)
-        elif o["teachers"]:
-            raise MtcError("--teachers: only the distillation proxy uses teachers (--proxy distill)")
+        elif o["baselines"]:
+            raise MtcError("--baselines: only the distillation proxy uses teachers (--proxy distill)")
         saved = host.state("samples") or []
         self.samples: list[dict[str, Any]] = list(saved)
         self.done = {s["key"]: s for s in self.samples}

@@ -137,6 +137,7 @@ def solve_masks(p_tilde: np.ndarray, channels: int, *, seed: int | Sequence[int]
     for _ in range(max_iters):
         e = _gram(m) - target
         flip = _flip_gain(m, e)
+        flip[(m == 1) & (m.sum(0) == 1)[None, :]] = np.inf  # never leave a task without a channel
         flip_best = float(flip.min())
         swap_best, swap_move = 0.0, None
         for i in range(n):
@@ -158,11 +159,6 @@ def solve_masks(p_tilde: np.ndarray, channels: int, *, seed: int | Sequence[int]
             m[a, i], m[b, i] = 0, 1
         else:
             cc, i = np.unravel_index(int(np.argmin(flip)), flip.shape)
-            if m[cc, i] == 1 and m[:, i].sum() == 1:  # never leave a task without a channel
-                flip[cc, i] = np.inf
-                if float(flip.min()) >= -1e-9:
-                    break
-                cc, i = np.unravel_index(int(np.argmin(flip)), flip.shape)
             m[cc, i] ^= 1
     return m
 
