@@ -148,11 +148,11 @@ class _PartitionSearch(Strategy):
         return rec
 
     def _write(self) -> None:
+        self.host.save_state("samples", self.samples)  # first: it makes the run directory
         path = self.host.file(SAMPLES)
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "key"}) + "\n" for r in self.samples))
         tmp.replace(path)
-        self.host.save_state("samples", self.samples)
 
     def _figure(self) -> None:
         try:
