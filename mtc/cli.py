@@ -8,6 +8,7 @@ asked for ``--help``, so ``mtc --help`` loads no space and no command names one.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -135,7 +136,7 @@ def _frontend_options(f: Callable[..., Any]) -> Callable[..., Any]:
                      help="Target ONNX opset (17 or newer; default 18)."),
         click.option("--exporter", type=click.Choice(["dynamo", "torchscript"]), default="dynamo", show_default=True,
                      help="torch.onnx exporter for PyTorch sources."),
-        click.option("--seed", type=int, default=0, show_default=True,
+        click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
                      help="Seed of prototxt weight fillers and of new weights."),
     ]):
         f = deco(f)
@@ -601,7 +602,7 @@ def _scale_options(kw: dict[str, Any]) -> tuple[dict[str, Any], int]:
 @click.option("--strategy", default=None, metavar="NAME", help="Search strategy (default: the space's; see mtc "
               "compile --list-spaces).")
 @click.option("--task-weights", default=None, metavar="t=w,..", help="λ_i per task (default 1).")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--resume", is_flag=True, help="Continue the run in --run-dir from its last checkpoint.")
 @_run_options
 def search_cmd(supergraph: str, data: str, run_dir: str, strategy: str | None, task_weights: str | None, seed: int,
@@ -613,7 +614,7 @@ def search_cmd(supergraph: str, data: str, run_dir: str, strategy: str | None, t
     from mtc.data import load_data
     from mtc.spaces import all_strategy_options, resolve_options, space_of_model
     from mtc.tasks.spec import tasks_of
-    from mtc.train.run import SUPERGRAPH, RunDir, differing, file_digest, session
+    from mtc.train.run import SUPERGRAPH, RunDir, RunLock, differing, file_digest, session
     from mtc.train.search import run_search
 
     run = RunDir(run_dir)
@@ -634,6 +635,7 @@ def search_cmd(supergraph: str, data: str, run_dir: str, strategy: str | None, t
               "space": space.name, "strategy": info.name, "search": options}
     # A directory only belongs to a search once that search wrote a checkpoint: an attempt that
     # failed before one leaves nothing the next attempt has to live with.
+    RunLock(run.path, "").probe()  # a live holder is named before its half-written files are read
     searched = run.has_checkpoint("search")
     if searched:
         cfg = run.config()
@@ -698,9 +700,10 @@ def train_cmd(run_dir: str, steps: int, lr: float, keep_weights: bool, plan_file
     from mtc.export.api import read_plan
     from mtc.tasks.spec import tasks_of
     from mtc.train.posttrain import TrainOptions, run_train
-    from mtc.train.run import PLAN, SUPERGRAPH, RunDir, differing, module_tensors, session
+    from mtc.train.run import PLAN, SUPERGRAPH, RunDir, RunLock, differing, module_tensors, session
 
     run = RunDir(run_dir)
+    RunLock(run.path, "").probe()
     cfg = run.config()
     model = _load_supergraph(str(run.file(str(cfg.get("supergraph", SUPERGRAPH)))))
     plan = read_plan(plan_file or run.file(PLAN), model)
@@ -709,6 +712,17 @@ def train_cmd(run_dir: str, steps: int, lr: float, keep_weights: bool, plan_file
     tasks = tasks_of(model) or []
     seed = int(cfg.get("seed", 0))
     scale, workers = _scale_options(kwargs)
+    base = RunDir(baselines).read_json("baselines.json") if baselines else None  # before any training
+    recorded = {"steps": steps, "lr": lr, "batch_size": batch_size, "keep_weights": keep_weights,
+                "init_from_baselines": init_from, "plan": str(plan_file or PLAN)}
+    recorded.update(scale)
+    if amp:
+        recorded["amp"] = amp
+    if resume and run.has_checkpoint("train") and isinstance(cfg.get("train"), dict):
+        changed = differing(cfg["train"], recorded)
+        if changed:
+            raise MtcError("--resume continues the training as it was configured; these options differ from its "
+                           "config.json: " + "; ".join(changed), file=run_dir)
     train, val = load_data(cfg["data"], tasks, _input_chw(model), seed)
     searched = module_tensors(run.load_checkpoint("search")[0]) if keep_weights else None
     if init_from is not None:
@@ -721,17 +735,6 @@ def train_cmd(run_dir: str, steps: int, lr: float, keep_weights: bool, plan_file
                         keep_weights=keep_weights or init_from is not None, amp=amp or False, data=str(cfg["data"]),
                         workers=workers, **scale)
     dev = _device(device, amp)
-    base = RunDir(baselines).read_json("baselines.json") if baselines else None  # before any training
-    recorded = {"steps": steps, "lr": lr, "batch_size": batch_size, "keep_weights": keep_weights,
-                "init_from_baselines": init_from, "plan": str(plan_file or PLAN)}
-    recorded.update(scale)
-    if amp:
-        recorded["amp"] = amp
-    if resume and run.has_checkpoint("train") and isinstance(cfg.get("train"), dict):
-        changed = differing(cfg["train"], recorded)
-        if changed:
-            raise MtcError("--resume continues the training as it was configured; these options differ from its "
-                           "config.json: " + "; ".join(changed), file=run_dir)
     with session(run, what=f"mtc train {run_dir}", checkpoint="train"):
         if not (resume and run.has_checkpoint("train")):
             run.write_json("config.json", {**cfg, "train": recorded})
@@ -765,7 +768,7 @@ def train_cmd(run_dir: str, steps: int, lr: float, keep_weights: bool, plan_file
               help="The same budget as mtc train.")
 @click.option("--lr", type=Number(min=0, min_open=True), default=1e-3, show_default=True)
 @click.option("--head-width", type=click.IntRange(min=1, max=65536), default=256, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--input-shape", metavar="DIMS", default=None)
 @click.option("--width", type=Number(min=0, max=1, min_open=True), default=None, metavar="R",
               help="Train only the hard-shared model, every prunable channel group slimmed to the first R of its "
@@ -1055,7 +1058,7 @@ def _load_inputs(specs: tuple[str, ...], names: list[str]) -> list[Any] | None:
 @click.option("--rtol", type=Number(min=0), default=None,
               help="Tolerance relative to each output's scale (max |onnxruntime output|; default 1e-4).")
 @click.option("--compile", "use_compile", is_flag=True, help="Also check the module under torch.compile.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random inputs.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of the random inputs.")
 @click.option("--against", "against", type=click.Path(file_okay=False), default=None, metavar="RUN_DIR",
               help="Check an exported model against the run's plan lowering (as mtc export does).")
 @click.option("--task", "task", default=None, metavar="T", help="With --against: compare only this task's output.")
@@ -1132,5 +1135,13 @@ def _cuda() -> bool:
     return bool(torch.cuda.is_available())
 
 
-if __name__ == "__main__":  # pragma: no cover
+def run() -> None:
+    """The ``mtc`` program: the working directory is not an import path (``python -m`` puts it first,
+    so a ``matplotlib.py`` or ``torch.py`` there would replace the libraries mtc imports later)."""
+    cwd = os.getcwd()
+    sys.path[:] = [p for p in sys.path if p not in ("", ".", cwd)]
     main(prog_name="mtc")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    run()

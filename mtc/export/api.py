@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +17,7 @@ import torch
 from mtc.errors import MtcError
 from mtc.export import graph as eg
 from mtc.ir import supergraph as sg
+from mtc.ir.io import temp_dir
 from mtc.ir.plan import Plan
 from mtc.ir.shapes import input_dims
 
@@ -291,7 +291,7 @@ def write_verified(ex: Exported, out: str | os.PathLike[str] | Mapping[str, str 
         x = sample_input(ex.module.model, seed=seed)
         ref = reference_outputs(ex.module, x)
         for d in dict.fromkeys(p.parent for p in dests.values()):
-            tmps[d] = Path(tempfile.mkdtemp(prefix=".mtc-export-", dir=d))
+            tmps[d] = temp_dir(d, "export-")
         for stem, m in items.items():
             p = tmps[dests[stem].parent] / dests[stem].name
             _save_checked(m, p)

@@ -8,6 +8,7 @@ arithmetic, name every node, and check the result with ``onnx.checker``.
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -25,6 +26,10 @@ from mtc.passes.fold import FoldShapes
 BATCH = "N"
 
 Shape = tuple[int | str, ...]
+
+
+#: Values per sample of a model's input above which it is refused (verify would allocate them).
+MAX_INPUT_VALUES = 1 << 28
 
 
 def parse_input_shape(text: str | None) -> Shape | None:
@@ -45,6 +50,12 @@ def parse_input_shape(text: str | None) -> Shape | None:
             dims.append(p)
         else:
             raise MtcError(f"--input-shape '{text}': dimension {i} '{p}' is not a positive integer")
+    if len(dims) < 2:
+        raise MtcError(f"--input-shape '{text}': expected a batch and at least one more dimension, e.g. 1,3,224,224")
+    per_sample = math.prod(int(d) for d in dims[1:])
+    if per_sample > MAX_INPUT_VALUES:
+        raise MtcError(f"--input-shape '{text}': {per_sample:,} values per sample, above the limit of "
+                       f"{MAX_INPUT_VALUES:,}")
     return tuple(dims)
 
 
@@ -170,12 +181,71 @@ def check_inputs(model: ir.Model, file: str) -> None:
                     "mtc needs static spatial sizes, pass --input-shape",
                     file=file,
                 )
+        per_sample = math.prod(int(d) for d in fixed[1:])
+        if per_sample > MAX_INPUT_VALUES:
+            raise MtcError(f"input '{v.name}' {_fmt(dims)} holds {per_sample:,} values per sample, above the limit of "
+                           f"{MAX_INPUT_VALUES:,}", file=file)
         v.shape = ir.Shape(fixed)
+    if not model.graph.outputs:
+        raise MtcError("the model has no outputs", file=file)
+
+
+def _static(v: ir.Value | None, axis: int) -> int | None:
+    if v is None or v.shape is None or len(v.shape) <= axis:
+        return None
+    d = v.shape[axis]
+    return d if isinstance(d, int) else None
+
+
+def _channel_conflict(node: ir.Node) -> str | None:
+    """What ONNX shape inference lets through: a layer whose weights read another number of
+    channels than its input holds (Conv, ConvTranspose, the channel-wise normalisations, Gemm,
+    MatMul). None when the shapes agree or are not static."""
+    ins = list(node.inputs)
+    op = node.op_type
+    if node.domain not in ("", "ai.onnx") or not ins:
+        return None
+    x = ins[0]
+    w = ins[1] if len(ins) > 1 else None
+    if x is None:
+        return None
+    if op in ("Conv", "ConvTranspose") and w is not None:
+        g = node.attributes.get("group")
+        group = g.as_int() if g is not None else 1
+        c, w_axis = _static(x, 1), (1 if op == "Conv" else 0)
+        k = _static(w, w_axis)
+        if c is not None and k is not None and c != (k * group if op == "Conv" else k):
+            want = k * group if op == "Conv" else k
+            return (f"its weights '{w.name}' read {want} input channels (group {group}) but its input "
+                    f"'{x.name}' has {c}")
+    elif op in ("BatchNormalization", "InstanceNormalization"):
+        c = _static(x, 1)
+        for p in ins[1:]:
+            n = _static(p, 0)
+            if p is not None and c is not None and n is not None and n != c:
+                return f"its parameter '{p.name}' has {n} values but its input '{x.name}' has {c} channels"
+    elif op in ("Gemm", "MatMul") and w is not None and x.shape is not None and w.shape is not None:
+        ta = node.attributes.get("transA")
+        tb = node.attributes.get("transB")
+        ra, rb = len(x.shape), len(w.shape)
+        if ra == 0 or rb == 0:
+            return None
+        a_ax = (0 if ta is not None and ta.as_int() else ra - 1) if op == "Gemm" else ra - 1
+        b_ax = (1 if tb is not None and tb.as_int() else 0) if op == "Gemm" else max(rb - 2, 0)
+        ka, kb = _static(x, a_ax), _static(w, b_ax)
+        if ka is not None and kb is not None and ka != kb:
+            return f"it multiplies '{x.name}' ({ka} features) by '{w.name}' ({kb} rows)"
+    return None
 
 
 def check_shapes(model: ir.Model, file: str) -> None:
-    """After inference every activation has a shape with positive static non-batch dimensions."""
+    """After inference every activation has a shape with positive static non-batch dimensions, and
+    every layer's weights read as many channels as its input holds."""
     for node in model.graph:
+        conflict = _channel_conflict(node)
+        if conflict is not None:
+            raise MtcError(f"the shapes do not agree: {conflict}", file=file, node=node.name, op=node.op_type,
+                           origin=node.metadata_props.get("mtc.origin"))
         for out in node.outputs:
             if out.shape is None:
                 continue
@@ -197,7 +267,7 @@ def canonicalize_import(
         _apply_input_shape(model, input_shape, file)
     check_inputs(model, file)
     model = convert_opset(model, opset, file=file)
-    infer_shapes(model, file=file)
+    infer_shapes(model, file=file, strict=True)
     # Folding makes more shapes static, which makes more folding possible: alternate to a fixpoint.
     for _ in range(16):
         if not FoldShapes()(model).modified:

@@ -79,6 +79,10 @@ _ARITY: dict[str, tuple[int, int | None]] = {
 
 _TEST = caffe_pb2.TEST
 
+#: Sizes above these are refused before anything is allocated (docs/errors.md).
+MAX_NUM_OUTPUT = 1 << 20
+MAX_BLOB_VALUES = 1 << 28
+
 
 class PrototxtWarning(UserWarning):
     """A quirk of the input file that the front end worked around."""
@@ -536,6 +540,9 @@ class _Converter:
             filler = caffe_pb2.FillerParameter(type=default)
         kind = filler.type
         count = int(np.prod(shape, dtype=np.int64))
+        if count > MAX_BLOB_VALUES:
+            raise self._err(f"{what}: a blob of shape {list(shape)} holds {count:,} values, above the limit of "
+                            f"{MAX_BLOB_VALUES:,} (check num_output and the input size)", layer)
         fan_in = count // shape[0] if shape and shape[0] else count
         fan_out = count // shape[1] if len(shape) > 1 and shape[1] else count
         if filler.variance_norm == caffe_pb2.FillerParameter.AVERAGE:
@@ -674,6 +681,8 @@ class _Converter:
             raise self._err(f"axis {p.axis} is not supported: only the channel axis 1", layer)
         if p.num_output <= 0:
             raise self._err("num_output must be positive", layer)
+        if p.num_output > MAX_NUM_OUTPUT:
+            raise self._err(f"num_output {p.num_output:,} is above the limit of {MAX_NUM_OUTPUT:,}", layer)
         g = p.group
         if g <= 0 or s[1] % g or p.num_output % g:
             raise self._err(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import io as _io
+import os
 import sys
 import tempfile
 import warnings
@@ -23,8 +24,11 @@ def resolve_factory(spec: str):
     if ":" not in spec:
         raise MtcError(f"expected pkg.module:factory, got '{spec}'", file=spec)
     mod_name, attr = spec.split(":", 1)
-    if "" not in sys.path:
-        sys.path.insert(0, "")  # let users name modules in the working directory
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        # Users may name a module in the working directory, but after the installed packages: a
+        # file there named like a library (matplotlib.py) must not replace the library.
+        sys.path.append(cwd)
     try:
         mod = importlib.import_module(mod_name)
     except ImportError as e:

@@ -33,19 +33,23 @@ def _proto_without_weights(model: ir.Model) -> onnx.ModelProto:
             v.const_value = t
 
 
-def infer_shapes(model: ir.Model, *, file: str | None = None) -> ir.Model:
+def infer_shapes(model: ir.Model, *, file: str | None = None, strict: bool = False) -> ir.Model:
     """Run ONNX shape inference (with data propagation) and write the results into ``model`` in place.
 
     Custom-domain nodes are skipped by ONNX's inference and keep whatever shapes they carry.
+    ``strict``: shapes that do not agree (a convolution reading more channels than its input has)
+    are an error naming the node, not a shape left unknown.
     """
     proto = _proto_without_weights(model)
     # Shape inference must not see stale value_info: an old, wrong shape would be merged in.
     del proto.graph.value_info[:]
     try:
-        inferred = onnx.shape_inference.infer_shapes(proto, check_type=False, strict_mode=False, data_prop=True)
+        inferred = onnx.shape_inference.infer_shapes(proto, check_type=strict, strict_mode=strict, data_prop=True)
     except Exception as e:
-        msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-        raise MtcError(f"shape inference failed: {msg}", file=file) from None
+        lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+        msg = " ".join(lines[-2:]) if lines else type(e).__name__
+        what = "the shapes do not agree" if strict else "shape inference failed"
+        raise MtcError(f"{what}: {msg}", file=file) from None
     infos: dict[str, onnx.ValueInfoProto] = {}
     for vi in list(inferred.graph.value_info) + list(inferred.graph.output):
         infos[vi.name] = vi

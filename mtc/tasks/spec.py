@@ -25,8 +25,8 @@ __all__ = ["MAX_CHANNELS", "TaskSpec", "format_tasks", "parse_tasks", "set_tasks
 
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _DIGITS = re.compile(r"[0-9]+")
-#: A sanity bound: ONNX and PyTorch take larger channel counts, but no task has them.
-MAX_CHANNELS = 2**31 - 1
+#: A sanity bound: ONNX and PyTorch take larger channel counts, but no task has them (docs/errors.md).
+MAX_CHANNELS = 1 << 16
 _ARG = "--tasks"
 
 

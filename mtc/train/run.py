@@ -12,7 +12,6 @@ import contextlib
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ from typing import Any
 import torch
 
 from mtc.errors import MtcError
-from mtc.ir.io import atomic_write
+from mtc.ir.io import atomic_write, temp_file
 
 CONFIG = "config.json"
 SUPERGRAPH = "super.mtc.onnx"
@@ -46,26 +45,18 @@ def write_tensors(path: str | os.PathLike[str], tensors: dict[str, torch.Tensor]
 
     dst = Path(path)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", dir=dst.parent)
+    fd, tmp = temp_file(dst.parent, dst.name)
     os.close(fd)
     try:
         # Own storage per tensor: safetensors refuses tensors that share memory (views, ties).
         flat = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
         save_file(flat, tmp, metadata={META_KEY: json.dumps({"format": CHECKPOINT_FORMAT, **meta})})
-        _set_umask_mode(tmp)
         os.replace(tmp, dst)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
     return dst
-
-
-def _set_umask_mode(path: str) -> None:
-    # mkstemp creates files 0600; a checkpoint should get the permissions any new file gets.
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(path, 0o666 & ~mask)
 
 
 def read_tensors(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -227,6 +218,31 @@ class RunLock:
         self.what = what
         self.held = False
 
+    def _refuse_live_holder(self, host: str) -> None:
+        """Raise if the lock file names a live process (or one on another host); return if stale."""
+        try:
+            pid_s, _, rest = self.file.read_text().partition(" ")
+            holder_host, _, cmd = rest.partition(" ")
+            pid = int(pid_s)
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError):
+            pid, holder_host, cmd = -1, host, "?"
+        if holder_host == host and pid > 0 and _alive(pid):
+            raise MtcError(f"the run directory is in use by process {pid} ({cmd.strip()}): wait for it to end "
+                           f"or stop it (a stale lock is removed automatically)",
+                           file=str(self.file.parent)) from None
+        if holder_host != host and pid > 0:
+            raise MtcError(f"the run directory is in use by process {pid} on {holder_host} ({cmd.strip()}); "
+                           f"delete {self.file} if that process is gone", file=str(self.file.parent)) from None
+
+    def probe(self) -> None:
+        """Refuse now if another live process holds the lock (before reading what it may be writing)."""
+        import socket
+
+        if self.file.exists():
+            self._refuse_live_holder(socket.gethostname())
+
     def __enter__(self) -> RunLock:
         import socket
 
@@ -235,19 +251,7 @@ class RunLock:
             try:
                 fd = os.open(self.file, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
-                try:
-                    pid_s, _, rest = self.file.read_text().partition(" ")
-                    holder_host, _, cmd = rest.partition(" ")
-                    pid = int(pid_s)
-                except (OSError, ValueError):
-                    pid, holder_host, cmd = -1, host, "?"
-                if holder_host == host and pid > 0 and _alive(pid):
-                    raise MtcError(f"the run directory is in use by process {pid} ({cmd.strip()}): wait for it to end "
-                                   f"or stop it (a stale lock is removed automatically)",
-                                   file=str(self.file.parent)) from None
-                if holder_host != host and pid > 0:
-                    raise MtcError(f"the run directory is in use by process {pid} on {holder_host} ({cmd.strip()}); "
-                                   f"delete {self.file} if that process is gone", file=str(self.file.parent)) from None
+                self._refuse_live_holder(host)
                 with contextlib.suppress(FileNotFoundError):
                     self.file.unlink()  # stale: its process was killed
                 continue

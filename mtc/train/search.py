@@ -132,6 +132,13 @@ def run_search(run: RunDir, model: ir.Model, train: Any, val: Any, options: Any 
         options = {}
     elif not isinstance(options, dict):
         options = {k: v for k, v in asdict(options).items()}
+    if resume and run.file(PLAN).exists() and any(r.get("stage") == "search-end" for r in run.records()):
+        # A finished search: resuming it changes nothing (no second search-end, no re-evaluation).
+        from mtc.spaces import read_plan
+
+        if run.has_checkpoint(SEARCH):
+            run.load_checkpoint(SEARCH)  # still refuses a file that is not a readable safetensors
+        return read_plan(run.read_json(PLAN), model, source=str(run.file(PLAN)))
     config, own = split_options(options)
     if data_spec is not None:
         config.data = data_spec

@@ -58,10 +58,13 @@ def test_a_crafted_pickle_creates_nothing_on_any_command(tmp_path, trained, form
     assert (tmp_path / "control").exists()
     for ckpt in ("search", "train"):
         shutil.copy(evil, run / "checkpoints" / f"{ckpt}.safetensors")
+    # a run not trained yet: `train --keep-weights` starts from the (crafted) search checkpoint
+    shutil.copytree(run, tmp_path / "fresh")
+    (tmp_path / "fresh" / "checkpoints" / "train.safetensors").unlink()
     commands = [
         ["search", "s.mtc.onnx", "--data", "tinydata:factory", "--run-dir", "run", *SMALL, "--resume"],
-        ["train", "run", "--steps", "4", "--batch-size", "2", "--quiet", "--resume"],
-        ["train", "run", "--steps", "4", "--batch-size", "2", "--quiet", "--resume", "--keep-weights"],
+        ["train", "run", "--steps", "2", "--batch-size", "2", "--quiet", "--resume"],
+        ["train", "fresh", "--steps", "2", "--batch-size", "2", "--quiet", "--keep-weights"],
         ["export", "run", "--fused", "-o", "o.onnx", "--no-report"],
         ["export", "s.mtc.onnx", "--plan", "run/plan.json", "--weights", "evil.bin", "--fused", "-o", "o.onnx"],
         ["export", "run", "--weights", "evil.bin", "--fused", "-o", "o.onnx", "--no-report"],
