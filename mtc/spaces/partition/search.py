@@ -89,6 +89,7 @@ class _PartitionSearch(Strategy):
         self.names = sg.task_names(self.model)
         self.n = len(self.names)
         o = self.opts
+        self.check()  # bad options before any work or any file
         self.proxy: Any = None
         if o["proxy"] == "distill":
             from mtc.spaces.partition.proxy import Distiller
@@ -110,6 +111,9 @@ class _PartitionSearch(Strategy):
         host.log({"stage": "search-end", "best": best["index"], "score": best["score"],
                   "mean_use": best["mean_use"]})
         return plan
+
+    def check(self) -> None:
+        """Refuse bad options (one line) before the teachers are trained."""
 
     def run_search(self) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -174,11 +178,13 @@ class RandomSearch(_PartitionSearch):
     help = "random P, each scored by distillation (the paper's Fig. 5 map)"
     options = RANDOM_OPTIONS
 
-    def run_search(self) -> None:
+    def check(self) -> None:
         lo, hi = float(self.opts["use_min"]), float(self.opts["use_max"])
         if lo > hi:
             raise MtcError(f"--use-min {lo:g} is above --use-max {hi:g}")
-        self.random_samples(int(self.opts["samples"]), (lo, hi))
+
+    def run_search(self) -> None:
+        self.random_samples(int(self.opts["samples"]), (float(self.opts["use_min"]), float(self.opts["use_max"])))
 
 
 class EvolutionSearch(_PartitionSearch):
@@ -197,6 +203,10 @@ class EvolutionSearch(_PartitionSearch):
         if not es:
             return super().best()
         return max(es, key=lambda r: (self.objective(r), -r["index"]))
+
+    def check(self) -> None:
+        if self.opts["init"]:
+            as_matrix(str(self.opts["init"]), self.n, what="--init")
 
     def run_search(self) -> None:
         o = self.opts
