@@ -573,6 +573,8 @@ def _run_options(f: Callable[..., Any]) -> Callable[..., Any]:
                      help="DWA's temperature T."),
         click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True,
                      help="Processes preparing batches (the batches are the same whatever the number)."),
+        click.option("--sync-bn", is_flag=True,
+                     help="Under torchrun: batch normalisation with the global batch's statistics (docs/scale.md)."),
         click.option("--quiet", is_flag=True, help="No progress bar."),
     ]):
         f = deco(f)
@@ -593,6 +595,27 @@ def _scale_options(kw: dict[str, Any]) -> tuple[dict[str, Any], int]:
             raise MtcError(f"--{k.replace('_', '-')} does not apply to --weighting {name}")
     out = {} if name == "equal" else {"weighting": name, **{k: given[k] for k in reads}}
     return out, int(kw.pop("workers", 0))
+
+
+def _start_world(run_dir: str, device: str | None, sync_bn: bool) -> str:
+    """Under torchrun: join the process group; the run directory this rank writes into (rank 0:
+    RUN_DIR; the others: a private copy). Without torchrun: RUN_DIR, nothing else happens."""
+    from mtc.train import distributed
+
+    distributed.start(device or ("cuda" if _cuda() else "cpu"), sync_bn=sync_bn)
+    return distributed.private_run_dir(run_dir)
+
+
+def _world_record() -> dict[str, Any]:
+    from mtc.train.distributed import current
+
+    return current().record()
+
+
+def _check_world(recorded: Any, run_dir: str) -> None:
+    from mtc.train.distributed import check_resume
+
+    check_resume(int(recorded or 1), source=run_dir)
 
 
 @main.command("search", cls=PluginCommand, plugin_params=_strategy_params)
@@ -617,6 +640,7 @@ def search_cmd(supergraph: str, data: str, run_dir: str, strategy: str | None, t
     from mtc.train.run import SUPERGRAPH, RunDir, RunLock, differing, file_digest, session
     from mtc.train.search import run_search
 
+    run_dir = _start_world(run_dir, device, kwargs.pop("sync_bn", False))
     run = RunDir(run_dir)
     model = _load_supergraph(supergraph)
     digest = file_digest(supergraph)
@@ -632,7 +656,7 @@ def search_cmd(supergraph: str, data: str, run_dir: str, strategy: str | None, t
     options = {**strat_opts, "batch_size": batch_size, "checkpoint_every": checkpoint_every, "seed": seed,
                "amp": amp or False, "task_weights": _task_weights(task_weights, tasks), **scale}
     config = {"supergraph": SUPERGRAPH, "supergraph_sha256": digest, "data": data, "seed": seed,
-              "space": space.name, "strategy": info.name, "search": options}
+              "space": space.name, "strategy": info.name, "search": options, **_world_record()}
     # A directory only belongs to a search once that search wrote a checkpoint: an attempt that
     # failed before one leaves nothing the next attempt has to live with.
     RunLock(run.path, "").probe()  # a live holder is named before its half-written files are read
@@ -644,6 +668,7 @@ def search_cmd(supergraph: str, data: str, run_dir: str, strategy: str | None, t
         if not resume:
             raise MtcError("the run directory already holds a search: pass --resume to continue it, or use a new "
                            "--run-dir", file=run_dir)
+        _check_world(cfg.get("world_size", 1), run_dir)
         changed = differing({"data": cfg.get("data"), "seed": cfg.get("seed"), "strategy": cfg.get("strategy"),
                              **cfg.get("search", {})},
                             {"data": data, "seed": seed, "strategy": info.name, **options})
@@ -702,6 +727,7 @@ def train_cmd(run_dir: str, steps: int, lr: float, keep_weights: bool, plan_file
     from mtc.train.posttrain import TrainOptions, run_train
     from mtc.train.run import PLAN, SUPERGRAPH, RunDir, RunLock, differing, module_tensors, session
 
+    run_dir = _start_world(run_dir, device, kwargs.pop("sync_bn", False))
     run = RunDir(run_dir)
     RunLock(run.path, "").probe()
     cfg = run.config()
@@ -716,9 +742,11 @@ def train_cmd(run_dir: str, steps: int, lr: float, keep_weights: bool, plan_file
     recorded = {"steps": steps, "lr": lr, "batch_size": batch_size, "keep_weights": keep_weights,
                 "init_from_baselines": init_from, "plan": str(plan_file or PLAN)}
     recorded.update(scale)
+    recorded.update(_world_record())
     if amp:
         recorded["amp"] = amp
     if resume and run.has_checkpoint("train") and isinstance(cfg.get("train"), dict):
+        _check_world(cfg["train"].get("world_size", 1), run_dir)
         changed = differing(cfg["train"], recorded)
         if changed:
             raise MtcError("--resume continues the training as it was configured; these options differ from its "
@@ -793,6 +821,7 @@ def baseline_cmd(model: str, tasks: str, data: str, run_dir: str, steps: int, lr
     shape = parse_input_shape(input_shape)
     probe = import_model(model, input_shape=shape)
     train, val = load_data(data, task_list, _input_chw(probe), seed)
+    run_dir = _start_world(run_dir, device, kwargs.pop("sync_bn", False))
     run = RunDir(run_dir)
     if run.file("baselines.json").exists():
         raise MtcError("the run directory already holds baselines (use a new --run-dir)", file=run_dir)
@@ -1126,7 +1155,9 @@ def _device(device: str | None, amp: str | bool | None) -> str:
             raise MtcError("--amp bf16: this CUDA device has no bfloat16 support; use --amp fp16")
         if dev == "cpu" and not torch.amp.autocast_mode.is_autocast_available("cpu"):
             raise MtcError("--amp bf16: this torch has no CPU autocast")
-    return dev
+    from mtc.train.distributed import current
+
+    return current().device(dev)  # under torchrun on CUDA: this rank's GPU
 
 
 def _cuda() -> bool:

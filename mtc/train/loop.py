@@ -29,7 +29,8 @@ class Batcher:
     """
 
     def __init__(self, dataset: Any, tasks: Sequence[TaskSpec], batch_size: int, seed: int, tag: str, *,
-                 spec: str | None = None, shape: tuple[int, ...] | None = None, workers: int = 0) -> None:
+                 spec: str | None = None, shape: tuple[int, ...] | None = None, workers: int = 0,
+                 shard: tuple[int, int] = (0, 1)) -> None:
         from mtc.data.registry import MAX_SAMPLES
 
         n = len(dataset)
@@ -50,6 +51,11 @@ class Batcher:
         if workers < 0:
             raise MtcError(f"--workers must be >= 0, got {workers}")
         self.workers = workers
+        rank, size = shard
+        if self.batch_size % size:
+            raise MtcError(f"--batch-size {self.batch_size} does not split over {size} processes: give a multiple "
+                           f"of {size} (it is the global batch; each process reads its share)")
+        self.shard = (rank, size)
         self._stream: Any = None  # the worker processes' iterator over consecutive steps
         self._next = -1  # the step it yields next
 
@@ -94,6 +100,15 @@ class Batcher:
         perm = np.random.default_rng([self.seed, self.tag, epoch]).permutation(len(self.dataset))
         return perm[k * self.batch_size:(k + 1) * self.batch_size]
 
+    def shard_indices(self, step: int) -> np.ndarray:
+        """This process's rows of batch ``step``: all of them in one process."""
+        idx = self.indices(step)
+        rank, size = self.shard
+        if size == 1:
+            return idx
+        per = len(idx) // size
+        return idx[rank * per:(rank + 1) * per]
+
     def batch(self, step: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, dict[str, torch.Tensor | None]]:
         """Batch ``step``: the same tensors whether read here or prepared by worker processes."""
         if self.workers > 0:
@@ -128,7 +143,7 @@ class Batcher:
 
     def host_batch(self, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor | None]]:
         """Batch ``step`` on the CPU, read and collated in this process."""
-        idx = [int(i) for i in self.indices(step)]
+        idx = [int(i) for i in self.shard_indices(step)]
         samples = [self.sample(i) for i in idx]
         try:
             images, targets = collate_batch(samples, self.tasks)

@@ -22,6 +22,7 @@ from mtc.errors import MtcError
 from mtc.lower.module import GraphModule
 from mtc.spaces import OptimizerSpec, Stage, Update
 from mtc.tasks.spec import TaskSpec
+from mtc.train import distributed
 from mtc.train.loop import Batcher, amp_dtype, autocast_forward, check_finite, step_seed, task_losses
 from mtc.train.run import RunDir
 from mtc.train.weighting import UpdateInfo, make_weighting
@@ -134,14 +135,17 @@ class Trainer:
                 if u.stream not in streams:
                     raise MtcError(f"stage '{st.name}' reads unknown data stream '{u.stream}'")
         shape = _input_chw(module)
+        self.world = distributed.current()
         self.batchers = {k: Batcher(ds, self.tasks, config.batch_size, config.seed, k, spec=config.data, shape=shape,
-                                    workers=config.workers)
+                                    workers=config.workers, shard=(self.world.rank, self.world.size))
                          for k, ds in streams.items()}
         self.weights = {t.name: (config.task_weights or {}).get(t.name, 1.0) for t in self.tasks}
         lr = config.weighting_lr if config.weighting_lr is not None else (optimizers[0].lr if optimizers else 1e-3)
         self.weighting = make_weighting(config.weighting, self.tasks, self.weights, lr=lr,
                                         gradnorm_alpha=config.gradnorm_alpha,
                                         dwa_temperature=config.dwa_temperature).to(device)
+        if self.world.size > 1:
+            self.weighting.mean = self.world.mean  # the global batch's losses and per-task gradients
         self.scaler: Any = None
         if amp_dtype(config.amp) == torch.float16:  # float16 needs loss scaling (bfloat16 does not)
             if not self.weighting.scalable:
@@ -220,7 +224,8 @@ class Trainer:
         self.step = step
 
     def checkpoint(self) -> None:
-        if self.run_dir is not None:
+        self._has_checkpoint = self._has_checkpoint or self.run_dir is not None
+        if self.run_dir is not None and self.world.main:  # rank 0 alone writes (atomically)
             tensors, meta = self.state()
             self.run_dir.save_checkpoint(self.name, tensors, meta)
             self._has_checkpoint = True
@@ -287,10 +292,15 @@ class Trainer:
                 extra.update(more)
             info.pass_index = k
             extra.update(self.weighting.backward(losses, term, info))
+            if self.world.size > 1:
+                losses = {k: v.detach() for k, v in zip(losses, self.world.mean(torch.stack(
+                    [v.detach().float() for v in losses.values()])), strict=True)}
             first = losses if first is None else first
             per_pass.append({k: float(v.detach()) for k, v in losses.items()})
         if u.passes is not None:
             extra["passes"] = per_pass
+        if self.world.size > 1 and not self.weighting.global_grads:
+            distributed.average_gradients(self._all_params())
         assert first is not None
         losses = first
         for oname in u.optimizers:
@@ -307,6 +317,19 @@ class Trainer:
         else:
             self.weighting.step()
         return losses, extra
+
+    def _all_params(self) -> list[torch.Tensor]:
+        """Every trainable tensor whose gradient is averaged over the ranks: the module's, the
+        optimisers' (a strategy's own), the weighting's learned ones."""
+        seen: dict[int, torch.Tensor] = {}
+        for p in self.module.parameters():
+            seen.setdefault(id(p), p)
+        for spec in self.specs.values():
+            for p in spec.params.values():
+                seen.setdefault(id(p), p)
+        for p in self.weighting.local_params():
+            seen.setdefault(id(p), p)
+        return [p for p in seen.values() if p.requires_grad]
 
     def _update_params(self, u: Update) -> list[torch.nn.Parameter]:
         """The parameters an update's optimisers step (each once)."""
@@ -325,9 +348,13 @@ class Trainer:
         """
         if resume:
             self.resume()
-        bar = _Bar(self.name, self.total, self.step) if self.progress and self.total else None
+        if self.world.size > 1:  # every rank starts from rank 0's state
+            distributed.broadcast([*self.module.state_dict().values(), *self._all_params()])
+        bar = _Bar(self.name, self.total, self.step) if self.progress and self.total and self.world.main else None
         t0 = time.perf_counter()
         self.module.train()
+        sync = distributed.sync_batch_norm(self.world.sync_bn)
+        sync.__enter__()
         try:
             while self.step < self.total:
                 if stop_after is not None and self.step >= stop_after:
@@ -352,8 +379,11 @@ class Trainer:
                 if bar is not None:
                     bar.update(self.step, stage.name, first)
                 if self.step % self.config.checkpoint_every == 0 or self.step == self.total:
+                    if self.world.size > 1 and self.step == self.total:  # the ranks took the same steps
+                        distributed.check_identical(self._all_params(), what="parameters")
                     self.checkpoint()
         finally:
+            sync.__exit__(None, None, None)
             for b in self.batchers.values():
                 b.close()
             if bar is not None:

@@ -87,6 +87,8 @@ class Weighting:
     name = "equal"
     #: whether it backpropagates through :attr:`backprop` alone (and so works with a gradient scaler)
     scalable = True
+    #: whether the gradients it leaves are already the global batch's (averaged over the ranks)
+    global_grads = False
 
     def __post_init__(self) -> None:
         self.params: dict[str, torch.nn.Parameter] = self.make_params()
@@ -94,6 +96,10 @@ class Weighting:
 
     def make_params(self) -> dict[str, torch.nn.Parameter]:
         return {}
+
+    def local_params(self) -> list[torch.nn.Parameter]:
+        """Its learned parameters whose gradients are the local batch's (to average over ranks)."""
+        return list(self.params.values())
 
     def to(self, device: torch.device | str) -> Weighting:
         with torch.no_grad():
@@ -353,6 +359,9 @@ class GradNorm(Weighting):
         self.backprop(loss)
         return {"weighting": dict(zip(keys, wd.tolist(), strict=True)), **record}
 
+    def local_params(self) -> list[torch.nn.Parameter]:
+        return []  # their gradients come from the averaged norms and losses
+
     def step(self, stepper: Callable[[torch.optim.Optimizer], Any] | None = None) -> None:
         super().step(stepper)
         with torch.no_grad():  # renormalise: Σ w_i = T
@@ -393,6 +402,7 @@ class PCGrad(Weighting):
 
     name = "pcgrad"
     scalable = False
+    global_grads = True
 
     def backward(self, losses: dict[str, torch.Tensor], term: torch.Tensor | None,
                  info: UpdateInfo) -> dict[str, Any]:
@@ -422,10 +432,11 @@ class PCGrad(Weighting):
                 n = params[i].numel()
                 merged[i] = out[off:off + n].view_as(params[i]).to(params[i].dtype)
                 off += n
+        if term is not None and term.requires_grad:  # extra terms (regularisers) are not projected
+            extra = torch.autograd.grad(term, params, allow_unused=True)
+            merged = [m if e is None else m + self.mean(e) for m, e in zip(merged, extra, strict=True)]
         for p, g in zip(params, merged, strict=True):
             p.grad = g.clone() if p.grad is None else p.grad + g
-        if term is not None:
-            term.backward()
         return {"pcgrad_conflicts": conflicts}
 
 
