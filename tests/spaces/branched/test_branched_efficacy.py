@@ -43,7 +43,7 @@ INPUT_SHAPE = (1, 1, 4, 4)
 TASKS = "t1:regress:1,t2:regress:1,t3:regress:1,t4:regress:1"
 DATA = "relatedness?rho=1&d=16&n_train=2000&n_val=200"
 PAIRS = [["t1", "t2"], ["t3", "t4"]]
-RSA_STEPS, RSA_LR, RSA_IMAGES = 300, 5e-3, 200
+RSA_STEPS, RSA_LR, RSA_IMAGES = 200, 5e-3, 200
 GUMBEL = {"warmup_steps": 50, "search_steps": 400, "resource_weight": 0.1}
 
 
