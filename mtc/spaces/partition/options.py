@@ -22,9 +22,11 @@ COMPILE_OPTIONS = (
 _COMMON = (
     Option("proxy", "distill", "how a sample is scored: distill (feature distillation, the paper) or short-train (a "
            "short training on the task losses, the paper's baseline)", choices=PROXIES),
-    Option("baselines", "", "an mtc baseline run directory whose single-task models are the distillation teachers "
-           "(default: train them on the fly)", metavar="DIR"),
-    Option("teacher_steps", 300, "iterations of each single-task teacher trained on the fly", low=1),
+    Option("baselines", "", "an mtc baseline run directory: its single-task models are the distillation teachers and "
+           "its hard-shared model the students' start (default: train them here: a shared model on all tasks, then "
+           "each teacher fine-tuned from it on its task alone)", metavar="DIR"),
+    Option("teacher_steps", 300, "iterations of the shared model and of each teacher trained here (Adam, batch 16)",
+           low=1),
     Option("teacher_lr", 1e-3, "Adam learning rate of the teachers trained on the fly", low=0.0, low_open=True),
     Option("distill_steps", 60, "distillation iterations per sample (paper: 3,000)", low=1),
     Option("distill_batch", 8, "distillation batch size (paper: 4)", low=1),
