@@ -7,8 +7,8 @@
   layer of 4 independent 3-layer components; here every layer is modular, as in its 4-MNISTs net).
 - :func:`digits_net` (Appendix B, 4-MNISTs): three modular layers of 4 components of 4 filters,
   5x5 then 3x3 then 3x3 convolutions without padding, ReLU, 2x2 average pooling after the first two;
-  for the ``digits`` data at ``(1, 24, 24)`` the last layer's map is 2x2. :func:`digits_net_small`
-  is a CPU-sized variant for ``(1, 8, 8)`` inputs.
+  for the ``digits`` data at ``(1, 24, 24)`` the last layer's map is 2x2. :func:`digits_mlp` is a
+  CPU-sized stand-in for the 8x8 digits as they are.
 """
 
 from __future__ import annotations
