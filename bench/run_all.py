@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BENCHMARKS = ["lowering.py", "compile.py", "export.py", "prune.py"]
+BENCHMARKS = ["lowering.py", "compile.py", "export.py", "prune.py", "amp.py"]
 
 
 def main() -> int:

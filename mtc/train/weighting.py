@@ -409,10 +409,12 @@ class PCGrad(Weighting):
         keys = list(losses)
         params = [p for p in info.params if p.requires_grad]
         per_task: list[list[torch.Tensor]] = []
+        reached = [False] * len(params)  # a parameter no loss reaches keeps no gradient (as with backward())
         for k in keys:
             v = self.lam[k] * losses[k]
             grads = torch.autograd.grad(v, params, retain_graph=True, allow_unused=True) if v.requires_grad \
                 else [None] * len(params)
+            reached = [r or g is not None for r, g in zip(reached, grads, strict=True)]
             per_task.append([self.mean(g) if g is not None else torch.zeros_like(p)
                              for g, p in zip(grads, params, strict=True)])
         shared = [sum(_nonzero(per_task[t][i]) for t in range(len(keys))) >= 2 for i in range(len(params))]
@@ -435,8 +437,10 @@ class PCGrad(Weighting):
         if term is not None and term.requires_grad:  # extra terms (regularisers) are not projected
             extra = torch.autograd.grad(term, params, allow_unused=True)
             merged = [m if e is None else m + self.mean(e) for m, e in zip(merged, extra, strict=True)]
-        for p, g in zip(params, merged, strict=True):
-            p.grad = g.clone() if p.grad is None else p.grad + g
+            reached = [r or e is not None for r, e in zip(reached, extra, strict=True)]
+        for p, g, r in zip(params, merged, reached, strict=True):
+            if r:
+                p.grad = g.clone() if p.grad is None else p.grad + g
         return {"pcgrad_conflicts": conflicts}
 
 

@@ -148,3 +148,22 @@ def test_amp_bf16_on_cpu_trains_and_its_loss_falls(tmp_path):
     first = sum(recs[0]["loss"].values())
     last = sum(sum(r["loss"].values()) for r in recs[-6:]) / 6
     assert last < 0.7 * first, (first, last)
+
+
+def test_fp16_gradient_scaler_path_trains_and_resumes_exactly(tmp_path):
+    # The CLI offers --amp fp16 on CUDA only; the trainer's scaler path is the same on the CPU.
+    from mtc.errors import MtcError
+
+    ref = _module()
+    t = _trainer(RunDir(tmp_path / "a"), ref, steps=6, amp="fp16")
+    t.run()
+    meta = RunDir(tmp_path / "a").load_checkpoint("train")[1]
+    assert meta["scaler"]["scale"] == t.scaler.get_scale()
+    with pytest.raises(Stopped):
+        _trainer(RunDir(tmp_path / "b"), _module(), steps=6, amp="fp16").run(stop_after=4)
+    again = _module()
+    _trainer(RunDir(tmp_path / "b"), again, steps=6, amp="fp16").run(resume=True)
+    a, b = _weights(ref), _weights(again)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(MtcError, match="--amp fp16 does not combine with --weighting gradnorm"):
+        _trainer(None, _module(), amp="fp16", weighting="gradnorm")

@@ -198,13 +198,15 @@ def test_pcgrad_projection_on_conflicting_gradients():
 def test_pcgrad_weighting_projects_only_shared_parameters():
     theta = torch.nn.Parameter(torch.zeros(2, dtype=torch.float64))  # shared
     own = torch.nn.Parameter(torch.zeros(2, dtype=torch.float64))  # task a's alone
+    unused = torch.nn.Parameter(torch.zeros(2, dtype=torch.float64))  # no loss reaches it
     mod = torch.nn.Module()
-    mod.theta, mod.own = theta, own
+    mod.theta, mod.own, mod.unused = theta, own, unused
     g1, g2, ga = torch.tensor([1.0, 0.0]), torch.tensor([-1.0, 1.0]), torch.tensor([-3.0, 2.0])
     losses = {"a": (g1.double() * theta).sum() + (ga.double() * own).sum(), "b": (g2.double() * theta).sum()}
     w = make_weighting("pcgrad", TASKS, {"a": 1.0, "b": 1.0})
     assert isinstance(w, PCGrad)
-    out = w.backward(losses, None, _info(mod, [theta, own]))
+    out = w.backward(losses, None, _info(mod, [theta, own, unused]))
+    assert unused.grad is None  # as after backward(): an optimiser skips it
     np.testing.assert_allclose(theta.grad.numpy(), [0.5, 1.5])
     np.testing.assert_allclose(own.grad.numpy(), ga.numpy())  # task-specific: its own gradient, unprojected
     assert out["pcgrad_conflicts"] == 1
