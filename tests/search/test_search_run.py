@@ -159,7 +159,7 @@ def test_amp_fp16_needs_cuda(tmp_path, supergraph):
 
 def test_amp_bf16_search_on_cpu_runs_and_its_loss_falls(tmp_path, supergraph):
     mtc("search", str(supergraph), "--data", "tinydata:factory?n=64", "--run-dir", "run", "--amp",
-        "--pretrain-steps", "21", "--policy-steps", "1", "--batch-size", "8", "--checkpoint-every", "50", "--quiet",
+        "--pretrain-steps", "11", "--policy-steps", "1", "--batch-size", "8", "--checkpoint-every", "50", "--quiet",
         cwd=tmp_path, check=True)
     recs = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     pre = [r for r in recs if r.get("stage") == "pretrain" and "loss" in r]
