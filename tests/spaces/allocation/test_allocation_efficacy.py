@@ -11,12 +11,12 @@ Settings (recorded in docs/spaces/allocation.md, "Efficacy"):
 - relatedness: :class:`Branches`, the A3 network: one modular layer of 4 parallel components, each
   a 3-layer MLP (16 hidden units, ReLU, one output unit), written as 1x1 convolutions joined by a
   Concat, compiled with ``--components branches`` (each branch a component); data
-  ``relatedness?rho=1&d=16`` (2,000 training samples); 400 steps of batch 64 (every task in every
+  ``relatedness?rho=1&d=16`` (2,000 training samples); 250 steps of batch 64 (every task in every
   step), weights Adam 0.01 (the paper's A3 rate), logits Adam 6e-3, p_init 0.5, the authors'
   temperature schedule, budget 0.5 with λ = 1 (the paper uses b = 0.5 for its task clusters; on
   this CPU budget, without it every task keeps all four components).
 - digits: :class:`Digits`, three modular layers (a dense 8x8 convolution of 64 units, 1x1
-  convolutions of 64 and 32 units, ReLU), K = 4 components each, data ``digits?rotations=2``; 600
+  convolutions of 64 and 32 units, ReLU), K = 4 components each, data ``digits?rotations=2``; 400
   steps of batch 16, weights Adam 0.01, logits Adam 0.05, p_init 0.97 (the paper's value for
   deeper networks), temperature max(0.5, 5/sqrt(step+1)) (tau0 5: the schedule reaches its floor
   within the short run), budget 0.75 with λ = 20 (the paper's 4-MNISTs budget).
@@ -35,9 +35,9 @@ from torch import nn
 HERE = Path(__file__).resolve().parent
 SEEDS = (0, 1, 2)
 REL_TASKS = "a1:regress:1,a2:regress:1,b1:regress:1,b2:regress:1"
-REL = {"steps": 400, "batch_size": 64, "weight_lr": 0.01, "budget": 0.5}
+REL = {"steps": 250, "batch_size": 64, "weight_lr": 0.01, "budget": 0.5}
 DIG_TASKS = "digit:class,digit_2:class:10,rotated:class:2,rotated_2:class:2"
-DIG = {"steps": 600, "batch_size": 16, "weight_lr": 0.01, "alloc_lr": 0.05, "p_init": 0.97, "tau0": 5.0,
+DIG = {"steps": 400, "batch_size": 16, "weight_lr": 0.01, "alloc_lr": 0.05, "p_init": 0.97, "tau0": 5.0,
        "budget": 0.75, "budget_penalty": 20.0}
 
 
