@@ -995,13 +995,13 @@ def export_cmd(source: str, out: str, tasks: tuple[str, ...], all_tasks: bool, f
 @main.command("prune")
 @click.argument("model")
 @click.option("-o", "--output", "out", required=True, type=click.Path(dir_okay=False), help="The pruned .onnx file.")
-@click.option("--ratio", type=Number(0, 1, min_open=True, max_open=True), default=None, metavar="R",
+@click.option("--ratio", type=float, default=None, metavar="R",  # range (and NaN) checked by the pruning API
               help="Remove this fraction of every prunable group's channels, 0 < R < 1.")
 @click.option("--keep", "keep", default=None, metavar="GROUP=N,...",
               help="Keep N channels of GROUP (a name or id from mtc inspect --channels); wins over --ratio.")
 @click.option("--importance", type=click.Choice(["l1", "l2", "random"]), default="l1", show_default=True,
               help="Which channels to keep: largest L1 or L2 norm of the producers' weights, or random (--seed).")
-@click.option("--round-to", "round_to", type=click.IntRange(min=1), default=1, show_default=True, metavar="K",
+@click.option("--round-to", "round_to", type=int, default=1, show_default=True, metavar="K",
               help="With --ratio: kept counts are multiples of K (a group smaller than K is kept whole).")
 @click.option("--ignore", default=None, metavar="NODE,...", help="Leave the groups that touch these nodes whole.")
 @click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
