@@ -10,7 +10,6 @@ block from one of its tasks' models. Files are read as safetensors only (never u
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -20,13 +19,13 @@ from mtc.errors import MtcError
 from mtc.ir import supergraph as sg
 from mtc.ir.names import TASK_KEY, head_prefix
 from mtc.ir.plan import Plan
+from mtc.spaces.baselines import baseline_tasks, single_task_weights
 from mtc.spaces.branched.blocks import Blocks, branched_choices, plan_levels
 from mtc.spaces.branched.trees import members
 
 if TYPE_CHECKING:
     import torch
 
-CHECKPOINT = Path("checkpoints") / "train.safetensors"
 
 
 def copy_name(name: str, k: int) -> str:
@@ -82,39 +81,12 @@ def load_single_task(model: ir.Model, directory: str | Path, *, heads: bool = Fa
     Raises:
         MtcError: not a baseline run, another task set, or another backbone (naming the tensor).
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     d = Path(directory)
-    meta = d / "baselines.json"
-    if not meta.is_file():
-        raise MtcError(f"{flag}: no baselines.json: not an mtc baseline run directory", file=str(d))
-    try:
-        info = json.loads(meta.read_text())
-        names, kinds = list(info["tasks"]), dict(info.get("kinds", {}))
-    except (ValueError, KeyError, TypeError) as e:
-        raise MtcError(f"{flag}: corrupt baselines.json ({type(e).__name__}: {e})", file=str(meta)) from None
-    records = sg.task_records(model) or []
-    mine = [r["name"] for r in records]
-    if sorted(names) != sorted(mine):
-        raise MtcError(f"{flag}: the baselines are for tasks {', '.join(names)}, the supergraph has "
-                       f"{', '.join(mine)} (another task set)", file=str(d))
-    for r in records:
-        if r["name"] in kinds and kinds[r["name"]] != r["kind"]:
-            raise MtcError(f"{flag}: task '{r['name']}' is a {kinds[r['name']]} task in the baselines, a "
-                           f"{r['kind']} task in the supergraph (another task set)", file=str(d))
+    mine = baseline_tasks(model, d, flag=flag)
     encoder = [n for names_ in block_tensors(model) for n in names_]
     out: dict[str, dict[str, torch.Tensor]] = {}
     for t in mine:
-        path = d / f"single-{t}" / CHECKPOINT
-        if not path.is_file():
-            raise MtcError(f"{flag}: the single-task model of '{t}' is missing ({path} not found)", file=str(d))
-        try:
-            raw = load_file(str(path), device="cpu")
-        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-            raise MtcError(f"{flag}: not a safetensors checkpoint ({str(e).splitlines()[0] if str(e) else e})",
-                           file=str(path)) from None
-        tensors = {k[len("module/"):]: v for k, v in raw.items() if k.startswith("module/")} or raw
+        path, tensors = single_task_weights(d, t, flag=flag)
         want = encoder + (head_tensors(model, t) if heads else [])
         for name in want:
             if name not in tensors:

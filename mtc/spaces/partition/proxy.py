@@ -23,7 +23,6 @@ higher is better for every kind.
 
 from __future__ import annotations
 
-import json
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
@@ -39,6 +38,7 @@ from mtc.ir import supergraph as sg
 from mtc.ir.plan import Plan
 from mtc.lower.module import GraphModule, lower
 from mtc.passes.canonicalize import remove_dead
+from mtc.spaces.baselines import CHECKPOINT, baseline_tasks, module_weights, single_task_weights
 from mtc.spaces.partition.lowering import PartitionControls, partition_choices
 from mtc.spaces.partition.sites import space_options
 from mtc.spaces.partition.training import training_form
@@ -47,7 +47,6 @@ from mtc.tasks.kinds import get_kind
 from mtc.tasks.spec import TaskSpec, tasks_of
 
 SPACE = "partition"
-CHECKPOINT = Path("checkpoints") / "train.safetensors"
 #: batch size of the teachers trained on the fly
 TEACHER_BATCH = 16
 
@@ -184,48 +183,16 @@ def load_teachers(model: ir.Model, directory: str | Path, names: Sequence[str], 
     Raises:
         MtcError: not a baseline run, another task set, or another backbone (naming the tensor).
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     d = Path(directory)
-    meta = d / "baselines.json"
-    if not meta.is_file():
-        raise MtcError(f"{flag}: no baselines.json: not an mtc baseline run directory", file=str(d))
-    try:
-        info = json.loads(meta.read_text())
-        theirs, kinds = list(info["tasks"]), dict(info.get("kinds", {}))
-    except (ValueError, KeyError, TypeError) as e:
-        raise MtcError(f"{flag}: corrupt baselines.json ({type(e).__name__}: {e})", file=str(meta)) from None
-    records = sg.task_records(model) or []
-    mine = [r["name"] for r in records]
-    if sorted(theirs) != sorted(mine):
-        raise MtcError(f"{flag}: the baselines are for tasks {', '.join(theirs)}, the supergraph has "
-                       f"{', '.join(mine)} (another task set)", file=str(d))
-    for r in records:
-        if r["name"] in kinds and kinds[r["name"]] != r["kind"]:
-            raise MtcError(f"{flag}: task '{r['name']}' is a {kinds[r['name']]} task in the baselines, a "
-                           f"{r['kind']} task in the supergraph (another task set)", file=str(d))
+    mine = baseline_tasks(model, d, flag=flag)
     out = {}
     for t in mine:
-        path = d / f"single-{t}" / CHECKPOINT
-        if not path.is_file():
-            raise MtcError(f"{flag}: the single-task model of '{t}' is missing ({path} not found)", file=str(d))
-        try:
-            raw = load_file(str(path), device="cpu")
-        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-            raise MtcError(f"{flag}: not a safetensors checkpoint ({str(e).splitlines()[0] if str(e) else e})",
-                           file=str(path)) from None
-        tensors = {k[len("module/"):]: v for k, v in raw.items() if k.startswith("module/")} or raw
+        path, tensors = single_task_weights(d, t, flag=flag)
         out[t] = teacher_weights(model, tensors, t, wanted=names, shapes=shapes, flag=flag, file=str(path))
     shared: dict[str, torch.Tensor] = {}
     multi = d / "multi" / CHECKPOINT
     if multi.is_file():
-        try:
-            raw = load_file(str(multi), device="cpu")
-        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-            raise MtcError(f"{flag}: not a safetensors checkpoint ({str(e).splitlines()[0] if str(e) else e})",
-                           file=str(multi)) from None
-        tensors = {k[len("module/"):]: v for k, v in raw.items() if k.startswith("module/")} or raw
+        tensors = module_weights(multi, flag=flag)
         for name in names:
             src = next((name[: -len(f"@{t}")] for t in mine if name.endswith(f"@{t}")), name)
             if src in tensors and tuple(tensors[src].shape) == shapes[name]:
