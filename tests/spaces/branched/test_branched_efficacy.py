@@ -6,8 +6,10 @@ a pair, orthogonal weight vectors across pairs):
 1. ``rsa``: at the last location the affinity inside each pair is higher than any affinity across
    the pairs, and the tree chosen at a two-branch budget (the hard-shared model plus one copy of the
    last block) puts each pair on its own branch;
-2. ``gumbel``: the tree's first split is the same grouping, each pair on its own branch
-   (``@pytest.mark.slow``: ``make test-slow``; the rsa half runs in ``make test``).
+2. ``gumbel``: the tree's first split is the same grouping, each pair on its own branch.
+
+Both run in ``make test``: about 30 s (rsa) + 55 s (gumbel) for the three seeds on 2 shared cores
+(the whole of tests/spaces/branched: about 95 s).
 
 Settings (every one is recorded here and in docs/results.md, "Branched networks: efficacy"):
 
@@ -120,7 +122,6 @@ def test_rsa_affinity_is_higher_inside_the_pairs_and_the_two_branch_tree_separat
     assert _groups(tree["levels"][-1]) == PAIRS, tree["levels"]
 
 
-@pytest.mark.slow  # about 25-50 s a seed on 2 shared cores: make test-slow
 @pytest.mark.parametrize("seed", SEEDS)
 def test_gumbel_finds_the_same_grouping(setup, tmp_path, seed):
     _, run = _search(setup, tmp_path, seed, "gumbel", {"batch_size": 32, **GUMBEL})
