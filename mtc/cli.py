@@ -638,7 +638,7 @@ def search_cmd(supergraph: str, data: str, run_dir: str, strategy: str | None, t
     from mtc.spaces import all_strategy_options, resolve_options, space_of_model
     from mtc.tasks.spec import tasks_of
     from mtc.train.run import SUPERGRAPH, RunDir, RunLock, differing, file_digest, session
-    from mtc.train.search import run_search
+    from mtc.train.search import finished_plan, run_search
 
     run_dir = _start_world(run_dir, device, kwargs.pop("sync_bn", False))
     run = RunDir(run_dir)
@@ -676,14 +676,17 @@ def search_cmd(supergraph: str, data: str, run_dir: str, strategy: str | None, t
             raise MtcError("--resume continues the run as it was configured; these options differ from its "
                            "config.json: " + "; ".join(changed), file=run_dir)
     dev = _device(device, amp)
-    train, val = load_data(data, tasks, _input_chw(model), seed)
-    with session(run, what=f"mtc search {supergraph}", checkpoint="search"):
-        if not searched:
-            shutil.copyfile(supergraph, run.file(SUPERGRAPH))
-            run.write_json("config.json", config)
-        plan = run_search(run, model, train, val, {**options, "workers": workers}, strategy=info.name,
-                          device=dev, resume=resume,
-                          progress=not quiet, data_spec=data)
+    done = finished_plan(run, model) if resume and searched else None
+    if done is not None:
+        plan = done  # the options agree with config.json (checked above): nothing to continue
+    else:
+        train, val = load_data(data, tasks, _input_chw(model), seed)
+        with session(run, what=f"mtc search {supergraph}", checkpoint="search"):
+            if not searched:
+                shutil.copyfile(supergraph, run.file(SUPERGRAPH))
+                run.write_json("config.json", config)
+            plan = run_search(run, model, train, val, {**options, "workers": workers}, strategy=info.name,
+                              device=dev, resume=resume, progress=not quiet, data_spec=data)
     decided = sum(len(per) for per in plan.ops.values())
     firsts = sum(1 for c, per in plan.ops.items() for o in per.values() if o == _first_option(model, c))
     text = space.describe_plan(model, plan)  # the space's own view of the plan (a tree, say)

@@ -132,13 +132,6 @@ def run_search(run: RunDir, model: ir.Model, train: Any, val: Any, options: Any 
         options = {}
     elif not isinstance(options, dict):
         options = {k: v for k, v in asdict(options).items()}
-    if resume and run.file(PLAN).exists() and any(r.get("stage") == "search-end" for r in run.records()):
-        # A finished search: resuming it changes nothing (no second search-end, no re-evaluation).
-        from mtc.spaces import read_plan
-
-        if run.has_checkpoint(SEARCH):
-            run.load_checkpoint(SEARCH)  # still refuses a file that is not a readable safetensors
-        return read_plan(run.read_json(PLAN), model, source=str(run.file(PLAN)))
     config, own = split_options(options)
     if data_spec is not None:
         config.data = data_spec
@@ -156,3 +149,16 @@ def run_search(run: RunDir, model: ir.Model, train: Any, val: Any, options: Any 
         return strat.derive(module) if module is not None else Plan(space.name)
     run.write_json(PLAN, plan.to_json())
     return plan
+
+
+def finished_plan(run: RunDir, model: ir.Model) -> Plan | None:
+    """The plan of a search that already ended in ``run`` (plan written, ``search-end`` logged), else
+    None: resuming a finished search with its own options changes nothing. Its checkpoint is still
+    read, so a file that is not a readable safetensors is refused as on any resume."""
+    if not run.file(PLAN).exists() or not any(r.get("stage") == "search-end" for r in run.records()):
+        return None
+    from mtc.spaces import read_plan
+
+    if run.has_checkpoint(SEARCH):
+        run.load_checkpoint(SEARCH)
+    return read_plan(run.read_json(PLAN), model, source=str(run.file(PLAN)))
