@@ -289,9 +289,14 @@ def session(run: RunDir, *, what: str, checkpoint: str):
 
 
 def differing(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """``--option VALUE (run: OLD)`` for every key whose value changed (for --resume)."""
+    """``--option VALUE (run: OLD)`` for every key whose value changed (for --resume). Both sides are
+    compared as config.json holds them (a tuple option equals the list read back)."""
+
+    def as_json(v: Any) -> Any:
+        return json.loads(json.dumps(v, default=str))
+
     out = []
     for k in sorted(set(recorded) | set(current)):
-        if recorded.get(k) != current.get(k):
+        if as_json(recorded.get(k)) != as_json(current.get(k)):
             out.append(f"--{k.replace('_', '-')} {current.get(k)!r} (the run has {recorded.get(k)!r})")
     return out
