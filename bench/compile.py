@@ -195,7 +195,8 @@ def bench_compile(*, max_tasks: int, repeats: int, warmup: int, save_repeats: in
         row["file_MB"] = round(sizes[n] / 1e6, 1) if n in sizes else None
         row["nodes"] = nodes[n]
         rows.append(row)
-    t5 = next((r["total_ms"] / 1e3 for r in rows if r["tasks"] == 5), None)
+    # End to end as `mtc compile` pays it: import + compile + the first save.
+    t5 = next(((import_s * 1e3 + r["total_ms"] + (r["save_ms"] or 0.0)) / 1e3 for r in rows if r["tasks"] == 5), None)
     linear = _linearity(counts, [r["total_ms"] / 1e3 for r in rows])
     return {
         "backbone": COMPILE_BACKBONE.name,
@@ -485,7 +486,7 @@ def prep_once(name: str, per_task_norm: bool) -> dict[str, float]:
     torch.set_flush_denormal(True)
     # Warm the code paths on a small net so that first-call costs (lazy imports, caches) stay out.
     warm = import_model(str(ROOT / "backbones" / "tiny_resnet.onnx"))
-    compile_supergraph(warm, tasks="a,b", head_width=8)
+    compile_supergraph(warm, tasks="seg,depth", head_width=8)
     lower_supergraph(warm, mode="warmup")
     del warm
     gc.collect()
@@ -569,7 +570,7 @@ def main(argv: list[str] | None = None) -> int:
         t5 = comp["five_tasks_s"]
         if t5 is not None:
             print(f"{'PASS' if comp['five_tasks_ok'] else 'FAIL'}: 5 tasks compile in {t5:.3f} s "
-                  f"(target < {MAX_COMPILE_S_5_TASKS} s, save excluded)")
+                  f"end to end: import + compile + save (target < {MAX_COMPILE_S_5_TASKS} s)")
         key = next(k for k in lin if k.startswith("time_"))
         print(f"{'PASS' if lin['ok'] else 'FAIL'}: growth no faster than linear: fit {lin['intercept_s']:.3f} s + "
               f"{lin['slope_s_per_task'] * 1e3:.1f} ms/task (R^2 {lin['r2']:.3f}); slope lower half "
