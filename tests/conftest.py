@@ -58,3 +58,31 @@ def run_mtc(*args: str, cwd, check: bool = False, **kw):
     if check:
         assert r.returncode == 0, r.stderr
     return r
+
+
+def invoke_mtc(*args: str, cwd, check: bool = False):
+    """``mtc ARGS`` in ``cwd``, in this process, on one intra-op thread (small convolutions on shared
+    cores): the installed command's exit code and stderr without a process start. An exception that
+    is not the CLI's exit is raised (a bug, not bad input). ``returncode`` mirrors ``exit_code``."""
+    import os
+
+    import torch
+    from click.testing import CliRunner
+
+    from mtc.cli import main
+
+    old = os.getcwd()
+    os.chdir(cwd)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        r = CliRunner().invoke(main, [str(a) for a in args])
+    finally:
+        os.chdir(old)
+        torch.set_num_threads(n)
+    if r.exception is not None and not isinstance(r.exception, SystemExit):
+        raise r.exception
+    if check:
+        assert r.exit_code == 0, r.stderr + r.stdout
+    r.returncode = r.exit_code  # type: ignore[attr-defined]
+    return r

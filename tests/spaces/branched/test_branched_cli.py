@@ -8,8 +8,7 @@ import json
 import shutil
 
 import pytest
-import torch
-from conftest import BACKBONES
+from conftest import BACKBONES, invoke_mtc
 
 from mtc.ir import io
 
@@ -20,27 +19,8 @@ RUN = ["--batch-size", "4", "--quiet"]
 
 
 def _mtc(*args: str, cwd, check: bool = False):
-    """``mtc ARGS`` in ``cwd``, in this process (the installed command's exit codes and stderr)."""
-    import os
-
-    from click.testing import CliRunner
-
-    from mtc.cli import main
-
-    old = os.getcwd()
-    os.chdir(cwd)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        r = CliRunner().invoke(main, list(args))
-    finally:
-        os.chdir(old)
-        torch.set_num_threads(n)
-    if r.exception is not None and not isinstance(r.exception, SystemExit):
-        raise r.exception
-    if check:
-        assert r.exit_code == 0, r.stderr + r.stdout
-    return r
+    """``mtc ARGS`` in this process (tests/conftest.py: invoke_mtc)."""
+    return invoke_mtc(*args, cwd=cwd, check=check)
 
 
 @pytest.fixture(scope="module")

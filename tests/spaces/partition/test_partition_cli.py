@@ -8,7 +8,7 @@ import json
 
 import numpy as np
 import pytest
-import torch
+from conftest import invoke_mtc
 
 NET = "mtc.spaces.allocation.nets:digits_mlp"
 COMPILE = [NET, "--input-shape", "1,1,8,8", "--tasks", "digit:class,rotated:class:4", "--head-width", "8",
@@ -18,24 +18,8 @@ ES = ["--strategy", "es", "--es-steps", "1", "--directions", "2", "--random-samp
 
 
 def _mtc(*args: str, cwd):
-    import os
-
-    from click.testing import CliRunner
-
-    from mtc.cli import main
-
-    old = os.getcwd()
-    os.chdir(cwd)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        r = CliRunner().invoke(main, list(args))
-    finally:
-        os.chdir(old)
-        torch.set_num_threads(n)
-    if r.exception is not None and not isinstance(r.exception, SystemExit):
-        raise r.exception
-    return r
+    """``mtc ARGS`` in this process (tests/conftest.py: invoke_mtc)."""
+    return invoke_mtc(*args, cwd=cwd)
 
 
 def _ok(*args: str, cwd):

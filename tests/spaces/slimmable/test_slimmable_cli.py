@@ -8,8 +8,7 @@ import json
 
 import numpy as np
 import pytest
-import torch
-from conftest import BACKBONES
+from conftest import BACKBONES, invoke_mtc
 
 from mtc.ir import io
 from mtc.ir.cost import model_cost
@@ -22,29 +21,8 @@ SEARCH = ["--steps", "2", "--batch-size", "4", "--predictor-samples", "10", "--p
 
 
 def _mtc(*args: str, cwd, check: bool = False):
-    """``mtc ARGS`` in ``cwd``, in this process (one line of stderr and exit code 2 on bad input, as
-    the installed command; tests/test_cli.py runs the command itself in a subprocess)."""
-    import os
-
-    from click.testing import CliRunner
-
-    from mtc.cli import main
-
-    old = os.getcwd()
-    os.chdir(cwd)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # small convolutions on shared cores
-    try:
-        r = CliRunner().invoke(main, list(args))
-    finally:
-        os.chdir(old)
-        torch.set_num_threads(n)
-    if r.exception is not None and not isinstance(r.exception, SystemExit):
-        raise r.exception
-    if check:
-        assert r.exit_code == 0, r.stderr
-    r.returncode = r.exit_code  # type: ignore[attr-defined]
-    return r
+    """``mtc ARGS`` in this process (tests/conftest.py: invoke_mtc)."""
+    return invoke_mtc(*args, cwd=cwd, check=check)
 
 
 @pytest.fixture(scope="module")
