@@ -7,6 +7,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 BACKBONES = ROOT / "backbones"
@@ -86,3 +87,20 @@ def invoke_mtc(*args: str, cwd, check: bool = False):
         assert r.exit_code == 0, r.stderr + r.stdout
     r.returncode = r.exit_code  # type: ignore[attr-defined]
     return r
+
+
+class Four(torch.utils.data.Dataset):
+    """Random images with four learnable targets (two regressions, two classifications)."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.x = torch.randn(n, 3, 32, 32, generator=g)
+        m = self.x.mean((2, 3))
+        self.t = {"a": m[:, :1] * 10, "b": (m[:, 0] > 0).long() + (m[:, 1] > 0).long(),
+                  "c": m[:, 1:] * 10, "d": (m[:, 2] > 0).long()}
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int):
+        return self.x[i], {k: v[i] for k, v in self.t.items()}

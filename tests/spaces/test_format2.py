@@ -13,7 +13,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import BACKBONES
+from conftest import BACKBONES, Four
 
 from mtc.errors import MtcError
 from mtc.export.api import export_graphs, verify
@@ -32,23 +32,6 @@ TASKS4 = "a:regress:1,b:class:3,c:regress:2,d:class:2"
 # tiny_resnet at 32x32: the heads attach after stage 3 (cut-at-feature's choice); stage ends are cut
 # points, so block 1 = stage 1, block 2 = stage 2, block 3 = stage 3.
 BOUNDS = ["pool", "layers.1/relu_1", "layers.3/relu_1", "layers.5/relu_1"]
-
-
-class Four(torch.utils.data.Dataset):
-    """Random images with four learnable targets (two regressions, two classifications)."""
-
-    def __init__(self, n: int, seed: int) -> None:
-        g = torch.Generator().manual_seed(seed)
-        self.x = torch.randn(n, 3, 32, 32, generator=g)
-        m = self.x.mean((2, 3))
-        self.t = {"a": m[:, :1] * 10, "b": (m[:, 0] > 0).long() + (m[:, 1] > 0).long(),
-                  "c": m[:, 1:] * 10, "d": (m[:, 2] > 0).long()}
-
-    def __len__(self) -> int:
-        return len(self.x)
-
-    def __getitem__(self, i: int):
-        return self.x[i], {k: v[i] for k, v in self.t.items()}
 
 
 def _backbone(tasks: str):

@@ -15,7 +15,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import BACKBONES
+from conftest import BACKBONES, Four
 
 from mtc.errors import MtcError
 from mtc.export.api import export_graphs, verify
@@ -31,23 +31,6 @@ from mtc.spaces.branched.trees import is_tree, random_tree
 TASKS = "a:regress:1,b:class:3,c:regress:2,d:class:2"
 STAGES = ["stem.1", "layers.1/relu_1", "layers.3/relu_1", "layers.5/relu_1"]
 CONVS = [1, 4, 5, 5]
-
-
-class Four(torch.utils.data.Dataset):
-    """Random images with four learnable targets (two regressions, two classifications)."""
-
-    def __init__(self, n: int, seed: int) -> None:
-        g = torch.Generator().manual_seed(seed)
-        self.x = torch.randn(n, 3, 32, 32, generator=g)
-        m = self.x.mean((2, 3))
-        self.t = {"a": m[:, :1] * 10, "b": (m[:, 0] > 0).long() + (m[:, 1] > 0).long(),
-                  "c": m[:, 1:] * 10, "d": (m[:, 2] > 0).long()}
-
-    def __len__(self) -> int:
-        return len(self.x)
-
-    def __getitem__(self, i: int):
-        return self.x[i], {k: v[i] for k, v in self.t.items()}
 
 
 def _compile(tasks: str = TASKS, **opts):
