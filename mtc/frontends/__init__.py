@@ -15,12 +15,11 @@ from pathlib import Path
 import onnx_ir as ir
 
 # Aliased: importing the submodule mtc.frontends.onnx rebinds the name `onnx` in this package.
-from onnx import checker as onnx_checker
-
 from mtc.errors import MtcError
+from mtc.ir.memory import release_freed_memory
 from mtc.ir.names import fix_names, name_after_origin
 from mtc.ir.opset import TARGET_OPSET, convert_opset
-from mtc.ir.shapes import infer_shapes
+from mtc.ir.shapes import check_model, infer_shapes
 from mtc.passes.fold import FoldShapes
 
 BATCH = "N"
@@ -277,11 +276,12 @@ def canonicalize_import(
     fix_names(model)
     check_shapes(model, file)
     try:
-        onnx_checker.check_model(ir.to_proto(model), full_check=True)
+        check_model(model)
     except Exception as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise MtcError(f"the imported graph is not valid ONNX: {msg}", file=file) from None
     model.producer_name = "mtc"
+    release_freed_memory()  # the import's transient protos and arrays
     return model
 
 

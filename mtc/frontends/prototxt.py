@@ -157,6 +157,23 @@ def _rule_met(rule: _Msg) -> bool:
     return not rule.stage
 
 
+def _normal(rng: np.random.Generator, mean: float, std: float, shape: tuple[int, ...]) -> np.ndarray:
+    """N(mean, std) drawn in float32, in place (the weights are float32 anyway)."""
+    data = rng.standard_normal(shape, dtype=np.float32)
+    data *= np.float32(std)
+    if mean:
+        data += np.float32(mean)
+    return data
+
+
+def _uniform(rng: np.random.Generator, low: float, high: float, shape: tuple[int, ...]) -> np.ndarray:
+    """U(low, high) drawn in float32, in place."""
+    data = rng.random(shape, dtype=np.float32)
+    data *= np.float32(high - low)
+    data += np.float32(low)
+    return data
+
+
 def _fmt_shape(shape: Sequence[int] | None) -> str:
     return "(" + ", ".join(str(d) for d in shape) + ")" if shape is not None else "(unknown)"
 
@@ -173,6 +190,7 @@ class _Converter:
         self.graph_outputs: list[_Value] = []
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
+        self.arrays: dict[str, np.ndarray] = {}
         self.value_info: list[onnx.ValueInfoProto] = []
         self.value_names: set[str] = set()
         self.node_names: set[str] = set()
@@ -501,9 +519,11 @@ class _Converter:
 
     def _init(self, name: str, array: np.ndarray) -> str:
         unique = self._value_name(name)
-        self.initializers.append(
-            numpy_helper.from_array(np.ascontiguousarray(array, dtype=np.float32), unique)
-        )
+        # The proto carries type and shape only; the array goes into the IR as it is after parsing
+        # (copying 85 MB of weights into a proto and back cost ~0.15 s on deeplab_resnet34).
+        arr = np.ascontiguousarray(array, dtype=np.float32)
+        self.initializers.append(onnx.TensorProto(name=unique, data_type=TensorProto.FLOAT, dims=arr.shape))
+        self.arrays[unique] = arr
         return unique
 
     def _const(self, name: str, array: np.ndarray, layer: _Layer) -> str:
@@ -517,16 +537,17 @@ class _Converter:
         self.value_info.append(helper.make_tensor_value_info(out, TensorProto.FLOAT, list(shape)))
         return out
 
-    def _rng(self, layer: _Layer) -> np.random.RandomState:
+    def _rng(self, layer: _Layer) -> np.random.Generator:
         # One stream per (seed, position of the layer in the file), hash-free: a layer's weights never
-        # depend on how many numbers other layers drew.
-        return np.random.RandomState(np.random.MT19937(np.random.SeedSequence([int(self.seed), layer.index])))
+        # depend on how many numbers other layers drew. PCG64 with float32 normals (ziggurat) draws
+        # deeplab_resnet34's 21 M weights ~3x faster than the legacy RandomState's float64 Box-Muller.
+        return np.random.Generator(np.random.PCG64(np.random.SeedSequence([int(self.seed), layer.index])))
 
     def _fill(
         self,
         filler: _Msg,
         shape: tuple[int, ...],
-        rng: np.random.RandomState,
+        rng: np.random.Generator,
         default: str,
         layer: _Layer,
         what: str,
@@ -556,23 +577,23 @@ class _Converter:
         elif kind == "uniform":
             if filler.max < filler.min:
                 raise self._err(f"{what}: uniform filler has max {filler.max} < min {filler.min}", layer)
-            data = rng.uniform(filler.min, filler.max, size=shape)
+            data = _uniform(rng, filler.min, filler.max, shape)
         elif kind == "gaussian":
-            data = rng.normal(filler.mean, filler.std, size=shape)
+            data = _normal(rng, filler.mean, filler.std, shape)
             if filler.sparse >= 0:
                 if not shape:
                     raise self._err(
                         f"{what}: a sparse gaussian filler needs a blob with at least one axis", layer
                     )
-                keep = rng.uniform(size=shape) < min(1.0, filler.sparse / shape[0])
+                keep = rng.random(shape, dtype=np.float32) < min(1.0, filler.sparse / shape[0])
                 data = data * keep
         elif kind == "xavier":
             scale = math.sqrt(3.0 / n)
-            data = rng.uniform(-scale, scale, size=shape)
+            data = _uniform(rng, -scale, scale, shape)
         elif kind == "msra":
-            data = rng.normal(0.0, math.sqrt(2.0 / n), size=shape)
+            data = _normal(rng, 0.0, math.sqrt(2.0 / n), shape)
         elif kind == "positive_unitball":
-            data = rng.uniform(0.0, 1.0, size=shape).reshape(shape[0] if shape else 1, -1)
+            data = rng.random(shape).reshape(shape[0] if shape else 1, -1)
             data = (data / data.sum(axis=1, keepdims=True)).reshape(shape)
         elif kind == "bilinear":
             if len(shape) != 4 or shape[2] != shape[3]:
@@ -1208,4 +1229,7 @@ class _Converter:
         helper.set_model_props(
             model, {"mtc.frontend": "prototxt", "mtc.source": self.path.name, "mtc.seed": str(int(self.seed))}
         )
-        return ir.from_proto(model)
+        out = ir.from_proto(model)
+        for name, value in out.graph.initializers.items():
+            value.const_value = ir.Tensor(self.arrays[name], name=name)
+        return out

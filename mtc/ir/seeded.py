@@ -66,6 +66,17 @@ class SeededTensor(ir.LazyTensor):
         dims = tuple(int(d) for d in shape)
         super().__init__(lambda: ir.tensor(draw(recipe, self.seed, name, dims), name=name), dtype=ir.DataType.FLOAT,
                          shape=ir.Shape(list(dims)), cache=True, name=name)
+        self._dims = dims
+
+    def owned_array(self) -> tuple[np.ndarray, bool]:
+        """The values, and whether the caller owns the array (may hand it to torch without a copy).
+
+        Not yet read: a new draw that is not cached (the lowering copies nothing, and the model does
+        not keep a second copy of the weights); read before: the cached array, not owned.
+        """
+        if self._tensor is not None:
+            return self._tensor.numpy(), False
+        return draw(self.recipe, self.seed, self.name or "", self._dims), True
 
 
 def encode(model: ir.Model) -> ir.Model:

@@ -10,6 +10,7 @@ from mtc.errors import MtcError
 _FLOATS = {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE}
 #: Float initializers above this many elements reach shape inference without their data.
 _WEIGHTLESS_ABOVE = 1024
+_NOT_LOADED = "mtc-weights-not-loaded"
 
 
 def _proto_without_weights(model: ir.Model) -> onnx.ModelProto:
@@ -25,12 +26,48 @@ def _proto_without_weights(model: ir.Model) -> onnx.ModelProto:
             if t is None or t.dtype not in _FLOATS or t.size <= _WEIGHTLESS_ABOVE:
                 continue
             swapped.append((v, t))
-            v.const_value = ir.ExternalTensor("mtc-weights-not-loaded", offset=0, length=t.nbytes, dtype=t.dtype,
+            v.const_value = ir.ExternalTensor(_NOT_LOADED, offset=0, length=t.nbytes, dtype=t.dtype,
                                               shape=ir.Shape([int(d) for d in t.shape.numpy()]), name=v.name or "", base_dir="")
         return ir.to_proto(model)
     finally:
         for v, t in swapped:
             v.const_value = t
+
+
+def check_model(model: ir.Model) -> None:
+    """``onnx.checker.check_model(full_check=True)`` on ``model`` without serialising its weights.
+
+    The large float initializers reach the checker as graph inputs of the same type and shape (what
+    the checker and its strict shape inference read of them), and their data is checked here
+    against that shape instead: on deeplab_resnet34 this saves serialising 85 MB twice (~0.3 s of
+    its import). Raises the checker's own ``ValidationError``, or ``ValueError`` for a weight whose
+    data does not fill its shape.
+    """
+    proto = _proto_without_weights(model)
+    g = proto.graph
+    inputs = {i.name for i in g.input}
+    kept = []
+    for init in g.initializer:
+        if init.data_location != onnx.TensorProto.EXTERNAL or not any(
+            e.key == "location" and e.value == _NOT_LOADED for e in init.external_data
+        ):
+            kept.append(init)
+            continue
+        if init.name not in inputs:
+            g.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
+    del g.initializer[:]
+    g.initializer.extend(kept)
+    for v in model.graph.initializers.values():
+        t = v.const_value
+        if t is None or t.dtype not in _FLOATS or t.size <= _WEIGHTLESS_ABOVE:
+            continue
+        try:
+            arr = t.numpy()  # a view where the data is in memory: cheap
+        except Exception as e:
+            raise ValueError(f"initializer '{v.name}': its data cannot be read ({e})") from None
+        if arr.size != t.size:
+            raise ValueError(f"initializer '{v.name}' holds {arr.size} values for its shape {list(t.shape)}")
+    onnx.checker.check_model(proto, full_check=True)
 
 
 def infer_shapes(model: ir.Model, *, file: str | None = None, strict: bool = False) -> ir.Model:

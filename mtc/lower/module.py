@@ -24,7 +24,9 @@ import torch
 from torch import nn
 
 from mtc.errors import MtcError
+from mtc.ir.memory import release_freed_memory
 from mtc.ir.names import gc_paused
+from mtc.ir.seeded import SeededTensor
 from mtc.lower import mtc_ops as _mtc_ops  # noqa: F401  (registers the ai.mtc ops)
 from mtc.lower import ops as _ops  # noqa: F401  (registers the built-in ops)
 from mtc.lower.controls import Controls
@@ -86,6 +88,7 @@ class _Val:
     slot: int | None = None
     init_name: str | None = None  # the initializer it came from
     roles: set[str] = field(default_factory=set)
+    owned: bool = False  # ``value`` is a fresh array nothing else references: torch may take it as is
 
 
 def _const_val(value: Any) -> _Val:
@@ -159,6 +162,7 @@ class GraphModule(nn.Module):
         with gc_paused():
             self._build(model)
             self._model = self._skeleton(model, owned=owned)
+        release_freed_memory()  # the build's transient copies and graph clones
         self.controls.bind(self)
         if device is not None:
             self.to(device)
@@ -206,10 +210,14 @@ class GraphModule(nn.Module):
         for name, v in graph.initializers.items():
             if v.const_value is None:
                 continue
-            arr = v.const_value.numpy()
+            cv = v.const_value
+            if isinstance(cv, SeededTensor):  # fresh head weights: drawn straight into the module
+                arr, owned = cv.owned_array()
+            else:
+                arr, owned = cv.numpy(), False
             # Float tensors are weights; scalars are literals that exporters lifted (GELU's 0.5).
             kind = "init" if _is_float(arr) and arr.size > 1 else "const"
-            vals[v] = _Val(kind, arr, tuple(arr.shape), torch_dtype(v.const_value.dtype), init_name=name)
+            vals[v] = _Val(kind, arr, tuple(arr.shape), torch_dtype(cv.dtype), init_name=name, owned=owned)
 
         input_slots: list[int] = []
         for v in graph.inputs:
@@ -439,7 +447,9 @@ class GraphModule(nn.Module):
         n_const = 0
         for val in state_vals:
             arr = val.value
-            tensor = to_torch(arr)
+            owned = val.owned and isinstance(arr, np.ndarray) and arr.flags.c_contiguous and arr.flags.writeable
+            tensor = torch.from_numpy(arr) if owned else to_torch(arr)
+            val.owned = False  # taken once
             trainable = val.init_name is not None and _is_float(arr) and (
                 "weight" in val.roles or (val.kind == "init" and "buffer" not in val.roles)
             )

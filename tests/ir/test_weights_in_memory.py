@@ -1,0 +1,84 @@
+"""Weights on their way into the IR and into a lowered module: checked without serialising them,
+drawn once, and nothing left resident that the module does not hold."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from mtc.errors import MtcError
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("channels", [4, 64])  # 108 values: checked by onnx; 1,728: by mtc
+def test_a_weight_whose_data_does_not_fill_its_shape_is_one_error_naming_it(tmp_path, channels):
+    from mtc.frontends import import_model
+
+    w = numpy_helper.from_array(np.ones((channels, 3, 3, 3), np.float32), "conv.w")
+    w.raw_data = w.raw_data[:100]
+    g = helper.make_graph([helper.make_node("Conv", ["x", "conv.w"], ["y"], pads=[1, 1, 1, 1])], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [w])
+    path = tmp_path / "bad.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+    with pytest.raises(MtcError, match="conv.w") as e:
+        import_model(str(path))
+    assert "not valid ONNX" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_the_weightless_check_accepts_what_the_full_check_accepts():
+    from mtc.frontends import import_model
+    from mtc.ir.shapes import check_model
+
+    model = import_model(str(ROOT / "backbones" / "tiny_resnet.onnx"))
+    check_model(model)  # what import ran
+    import onnx_ir as ir
+
+    onnx.checker.check_model(ir.to_proto(model), full_check=True)  # the oracle: onnx on every byte
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # the file binds 'data' to its declared input
+def test_prototxt_weights_are_in_memory_arrays_with_the_documented_distributions():
+    from mtc.frontends import import_model
+
+    model = import_model(str(ROOT / "backbones" / "deeplab_resnet34.prototxt"))
+    w = model.graph.initializers["conv1.weight"].const_value
+    import onnx_ir as ir
+
+    assert type(w) is ir.Tensor  # over the drawn array, not a proto's bytes
+    a = w.numpy()
+    assert a.dtype == np.float32 and a.flags.writeable
+    fan_in = a[0].size
+    bound = np.sqrt(3.0 / fan_in)  # the file's xavier filler
+    assert np.abs(a).max() <= bound * (1 + 1e-6) and a.std() == pytest.approx(bound / np.sqrt(3), rel=0.05)
+    again = import_model(str(ROOT / "backbones" / "deeplab_resnet34.prototxt"))
+    np.testing.assert_array_equal(again.graph.initializers["conv1.weight"].const_value.numpy(), a)
+
+
+def test_unread_head_weights_are_drawn_into_the_module_once_and_equal_the_recipe():
+    from mtc.frontends import import_model
+    from mtc.ir.seeded import SeededTensor, draw
+    from mtc.lower import lower
+    from mtc.spaces import compile_supergraph
+
+    model = import_model(str(ROOT / "backbones" / "tiny_resnet.onnx"))
+    compile_supergraph(model, tasks="s:seg:3,d:depth:1", head_width=8)
+    seeded = {n: v.const_value for n, v in model.graph.initializers.items()
+              if isinstance(v.const_value, SeededTensor)}
+    assert seeded
+    module = lower(model)
+    held = dict(module.named_initializers())
+    for name, t in seeded.items():
+        assert t._tensor is None  # not cached in the IR: the module holds the only copy
+        ref = draw(t.recipe, t.seed, name, tuple(int(d) for d in t.shape))
+        np.testing.assert_array_equal(held[name].detach().numpy(), ref)
+    # read after the lowering: the same values, and a second lowering does not alias the first
+    name, t = next(iter(seeded.items()))
+    np.testing.assert_array_equal(t.numpy(), held[name].detach().numpy())
+    other = dict(lower(model).named_initializers())
+    assert other[name].data_ptr() != held[name].data_ptr()
