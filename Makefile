@@ -19,12 +19,16 @@ $(STAMP): setup.cfg pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
+# One worker per core (at most 4), one intra-op thread each (tests/conftest.py); idle workers take
+# queued tests from busy ones (the durations are uneven: a few tests take minutes).
+XDIST ?= -n auto --maxprocesses 4 --dist worksteal
+
 test: venv
 	$(BIN)/lint-imports --no-cache
-	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -m "not slow" $(XDIST) $(PYTEST_ARGS)
 
 test-slow: venv
-	$(BIN)/python -m pytest -q -m slow $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -m slow $(XDIST) $(PYTEST_ARGS)
 
 demo: venv
 	DEMO_OUT=$(DEMO_OUT) bash scripts/demo.sh

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import os
+import sys
 import warnings
 from pathlib import Path
 
@@ -8,6 +10,12 @@ import onnx
 import onnx_ir as ir
 import pytest
 import torch
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs two workers on CI's two cores: one intra-op thread each (and for the `mtc`
+    # processes they start), so that they do not fight over the cores.
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 ROOT = Path(__file__).resolve().parents[1]
 BACKBONES = ROOT / "backbones"
@@ -72,6 +80,8 @@ def invoke_mtc(*args: str, cwd, check: bool = False):
 
     from mtc.cli import main
 
+    if str(SEARCH_TESTS) not in sys.path:  # the `tinydata` plug-in, as run_mtc's PYTHONPATH has it
+        sys.path.append(str(SEARCH_TESTS))
     old = os.getcwd()
     os.chdir(cwd)
     n = torch.get_num_threads()
@@ -104,3 +114,29 @@ class Four(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int):
         return self.x[i], {k: v[i] for k, v in self.t.items()}
+
+
+#: The reference nets whose torch.onnx *dynamo* export runs in `make test`; the dynamo variants of
+#: the other nets (3-6 s each, 88 tests, ~220 s) are `slow` (`make test-slow`). The TorchScript
+#: export of every net stays in `make test`, and these four cover the dynamo exporter's op forms
+#: (plain convolutions, depthwise + inverted residuals, concatenation, and the opset-20 Gelu that
+#: import decomposes).
+DYNAMO_IN_DEFAULT_RUN = frozenset({"tiny_resnet", "inverted_residual", "concat_heavy", "layernorm_gelu"})
+
+
+#: Modules of minutes-long tests, started first so that parallel workers do not end on them.
+FIRST = ("search/test_efficacy.py", "train/test_ddp.py", "spaces/branched/test_branched_efficacy.py",
+         "spaces/allocation/test_allocation_efficacy.py", "test_errors.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {m: i for i, m in enumerate(FIRST)}
+    items.sort(key=lambda it: next((rank[m] for m in FIRST if it.nodeid.startswith("tests/" + m)), len(FIRST)))
+    slow = pytest.mark.slow
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        exporter = params.get("exporter", params.get("dynamo"))
+        dynamo = exporter is True or (isinstance(exporter, str) and exporter.startswith("dynamo"))
+        name = params.get("name")
+        if dynamo and name is not None and name not in DYNAMO_IN_DEFAULT_RUN:
+            item.add_marker(slow)

@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
-from conftest import BACKBONES, SEARCH_TESTS, run_mtc
+from conftest import BACKBONES, SEARCH_TESTS, invoke_mtc, run_mtc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper
@@ -62,17 +62,17 @@ def _digest(p: Path) -> str:
 @pytest.fixture(scope="module")
 def sup(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("sup")
-    run_mtc("compile", str(TINY), "--tasks", "a:regress:1,b:class:2", "--head-width", "8", "--input-shape",
-            "1,3,32,32", "-o", "s.mtc.onnx", cwd=d, check=True)
+    invoke_mtc("compile", str(TINY), "--tasks", "a:regress:1,b:class:2", "--head-width", "8", "--input-shape",
+               "1,3,32,32", "-o", "s.mtc.onnx", cwd=d, check=True)
     return d / "s.mtc.onnx"
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, sup) -> Path:
     d = sup.parent
-    run_mtc("search", str(sup), "--data", "tinydata:factory", "--run-dir", "run", *SMALL, cwd=d, check=True)
-    run_mtc("train", "run", "--steps", "2", "--batch-size", "2", "--quiet", cwd=d, check=True)
-    run_mtc("export", "run", "--fused", "-o", "f.onnx", "--no-report", cwd=d, check=True)
+    invoke_mtc("search", str(sup), "--data", "tinydata:factory", "--run-dir", "run", *SMALL, cwd=d, check=True)
+    invoke_mtc("train", "run", "--steps", "2", "--batch-size", "2", "--quiet", cwd=d, check=True)
+    invoke_mtc("export", "run", "--fused", "-o", "f.onnx", "--no-report", cwd=d, check=True)
     return d / "run"
 
 

@@ -8,12 +8,14 @@ import shutil
 import numpy as np
 import onnx
 import pytest
-from conftest import BACKBONES, run_mtc
+from conftest import BACKBONES, invoke_mtc
 
 SMALL = ["--pretrain-steps", "2", "--policy-steps", "4", "--batch-size", "2", "--checkpoint-every", "4", "--quiet"]
 
 
-mtc = run_mtc
+# In process: the same command line, exit codes and stderr without a Python start per command
+# (the installed entry point itself is exercised by tests/test_cli.py and tests/test_errors.py).
+mtc = invoke_mtc
 
 
 @pytest.fixture(scope="module")

@@ -12,13 +12,15 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import BACKBONES, run_mtc
+from conftest import BACKBONES, invoke_mtc
 
 HERE = Path(__file__).resolve().parent
 SMALL = ["--pretrain-steps", "6", "--policy-steps", "14", "--batch-size", "4", "--checkpoint-every", "4", "--quiet"]
 
 
-mtc = run_mtc
+# In process (the killed search below is a real process): the same command lines, exit codes and
+# stderr without a Python start per command.
+mtc = invoke_mtc
 
 
 @pytest.fixture(scope="module")

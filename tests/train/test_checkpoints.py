@@ -8,7 +8,8 @@ import shutil
 
 import pytest
 import torch
-from conftest import BACKBONES, run_mtc
+from conftest import BACKBONES  # in process: a pickle runs its code there too
+from conftest import invoke_mtc as run_mtc
 
 SMALL = ["--pretrain-steps", "2", "--policy-steps", "2", "--batch-size", "4", "--checkpoint-every", "2", "--quiet"]
 
