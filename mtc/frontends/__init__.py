@@ -14,7 +14,6 @@ from pathlib import Path
 
 import onnx_ir as ir
 
-# Aliased: importing the submodule mtc.frontends.onnx rebinds the name `onnx` in this package.
 from mtc.errors import MtcError
 from mtc.ir.memory import release_freed_memory
 from mtc.ir.names import fix_names, name_after_origin
