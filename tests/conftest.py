@@ -12,8 +12,8 @@ import pytest
 import torch
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
-    # `make test` runs two workers on CI's two cores: one intra-op thread each (and for the `mtc`
-    # processes they start), so that they do not fight over the cores.
+    # `make test` runs one worker per core: one intra-op thread each (and for the `mtc` processes
+    # they start), so that they do not fight over the cores.
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
 
@@ -73,9 +73,6 @@ def invoke_mtc(*args: str, cwd, check: bool = False):
     """``mtc ARGS`` in ``cwd``, in this process, on one intra-op thread (small convolutions on shared
     cores): the installed command's exit code and stderr without a process start. An exception that
     is not the CLI's exit is raised (a bug, not bad input). ``returncode`` mirrors ``exit_code``."""
-    import os
-
-    import torch
     from click.testing import CliRunner
 
     from mtc.cli import main
@@ -117,7 +114,7 @@ class Four(torch.utils.data.Dataset):
 
 
 #: The reference nets whose torch.onnx *dynamo* export runs in `make test`; the dynamo variants of
-#: the other nets (3-6 s each, 88 tests, ~220 s) are `slow` (`make test-slow`). The TorchScript
+#: the other nets (3-6 s each, 67 tests, ~180 s) are `slow` (`make test-slow`). The TorchScript
 #: export of every net stays in `make test`, and these four cover the dynamo exporter's op forms
 #: (plain convolutions, depthwise + inverted residuals, concatenation, and the opset-20 Gelu that
 #: import decomposes).

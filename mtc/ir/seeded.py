@@ -66,7 +66,6 @@ class SeededTensor(ir.LazyTensor):
         dims = tuple(int(d) for d in shape)
         super().__init__(lambda: ir.tensor(draw(recipe, self.seed, name, dims), name=name), dtype=ir.DataType.FLOAT,
                          shape=ir.Shape(list(dims)), cache=True, name=name)
-        self._dims = dims
 
     def owned_array(self) -> tuple[np.ndarray, bool]:
         """The values, and whether the caller owns the array (may hand it to torch without a copy).
@@ -76,7 +75,7 @@ class SeededTensor(ir.LazyTensor):
         """
         if self._tensor is not None:
             return self._tensor.numpy(), False
-        return draw(self.recipe, self.seed, self.name or "", self._dims), True
+        return draw(self.recipe, self.seed, self.name or "", tuple(int(d) for d in self.shape.numpy())), True
 
 
 def encode(model: ir.Model) -> ir.Model:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TypeGuard
+
 import onnx
 import onnx_ir as ir
 
@@ -10,7 +12,11 @@ from mtc.errors import MtcError
 _FLOATS = {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE}
 #: Float initializers above this many elements reach shape inference without their data.
 _WEIGHTLESS_ABOVE = 1024
-_NOT_LOADED = "mtc-weights-not-loaded"
+
+
+def _heavy(t: ir.TensorProtocol | None) -> TypeGuard[ir.TensorProtocol]:
+    """A float initializer large enough that checks and inference get it without its data."""
+    return t is not None and t.dtype in _FLOATS and t.size > _WEIGHTLESS_ABOVE
 
 
 def _proto_without_weights(model: ir.Model) -> onnx.ModelProto:
@@ -23,10 +29,10 @@ def _proto_without_weights(model: ir.Model) -> onnx.ModelProto:
     try:
         for v in model.graph.initializers.values():
             t = v.const_value
-            if t is None or t.dtype not in _FLOATS or t.size <= _WEIGHTLESS_ABOVE:
+            if not _heavy(t):
                 continue
             swapped.append((v, t))
-            v.const_value = ir.ExternalTensor(_NOT_LOADED, offset=0, length=t.nbytes, dtype=t.dtype,
+            v.const_value = ir.ExternalTensor("mtc-weights-not-loaded", offset=0, length=t.nbytes, dtype=t.dtype,
                                               shape=ir.Shape([int(d) for d in t.shape.numpy()]), name=v.name or "", base_dir="")
         return ir.to_proto(model)
     finally:
@@ -43,30 +49,23 @@ def check_model(model: ir.Model) -> None:
     its import). Raises the checker's own ``ValidationError``, or ``ValueError`` for a weight whose
     data does not fill its shape.
     """
+    heavy: set[str] = set()
+    for name, v in model.graph.initializers.items():
+        t = v.const_value
+        if _heavy(t):
+            heavy.add(name)
+            try:
+                t.numpy()  # a view where the data is in memory: cheap
+            except Exception as e:  # a proto's bytes or an external file that do not fill the shape
+                raise ValueError(f"initializer '{name}': its data cannot be read ({e})") from None
     proto = _proto_without_weights(model)
     g = proto.graph
     inputs = {i.name for i in g.input}
-    kept = []
-    for init in g.initializer:
-        if init.data_location != onnx.TensorProto.EXTERNAL or not any(
-            e.key == "location" and e.value == _NOT_LOADED for e in init.external_data
-        ):
-            kept.append(init)
-            continue
-        if init.name not in inputs:
-            g.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
+    kept = [init for init in g.initializer if init.name not in heavy]
+    g.input.extend(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims))
+                   for init in g.initializer if init.name in heavy and init.name not in inputs)
     del g.initializer[:]
     g.initializer.extend(kept)
-    for v in model.graph.initializers.values():
-        t = v.const_value
-        if t is None or t.dtype not in _FLOATS or t.size <= _WEIGHTLESS_ABOVE:
-            continue
-        try:
-            arr = t.numpy()  # a view where the data is in memory: cheap
-        except Exception as e:
-            raise ValueError(f"initializer '{v.name}': its data cannot be read ({e})") from None
-        if arr.size != t.size:
-            raise ValueError(f"initializer '{v.name}' holds {arr.size} values for its shape {list(t.shape)}")
     onnx.checker.check_model(proto, full_check=True)
 
 
