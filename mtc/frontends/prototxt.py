@@ -35,6 +35,7 @@ from onnx import TensorProto, helper, numpy_helper
 from mtc import __version__
 from mtc.errors import MtcError
 from mtc.frontends import caffe_pb2 as _caffe_pb2
+from mtc.ir import memory
 from mtc.ir.names import ORIGIN_KEY
 from mtc.ir.opset import MIN_OPSET, TARGET_OPSET
 
@@ -159,7 +160,8 @@ def _rule_met(rule: _Msg) -> bool:
 
 def _normal(rng: np.random.Generator, mean: float, std: float, shape: tuple[int, ...]) -> np.ndarray:
     """N(mean, std) drawn in float32, in place (the weights are float32 anyway)."""
-    data = rng.standard_normal(shape, dtype=np.float32)
+    data = memory.empty(shape, np.float32)
+    rng.standard_normal(dtype=np.float32, out=data)
     data *= np.float32(std)
     if mean:
         data += np.float32(mean)
@@ -168,7 +170,8 @@ def _normal(rng: np.random.Generator, mean: float, std: float, shape: tuple[int,
 
 def _uniform(rng: np.random.Generator, low: float, high: float, shape: tuple[int, ...]) -> np.ndarray:
     """U(low, high) drawn in float32, in place."""
-    data = rng.random(shape, dtype=np.float32)
+    data = memory.empty(shape, np.float32)
+    rng.random(dtype=np.float32, out=data)
     data *= np.float32(high - low)
     data += np.float32(low)
     return data

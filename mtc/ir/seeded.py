@@ -20,6 +20,7 @@ import numpy as np
 import onnx_ir as ir
 
 from mtc.errors import MtcError
+from mtc.ir import memory
 
 DOMAIN = "ai.mtc"
 INIT_OP = "Init"
@@ -33,8 +34,22 @@ def rng(seed: int, name: str) -> np.random.Generator:
 def kaiming_normal(g: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
     """Kaiming normal, fan_out mode, ReLU gain: std = sqrt(2 / (C_out * prod(kernel)))."""
     std = math.sqrt(2.0 / (shape[0] * math.prod(shape[2:])))
-    w = g.standard_normal(shape, dtype=np.float32)
+    w = memory.empty(shape, np.float32)
+    g.standard_normal(dtype=np.float32, out=w)
     w *= np.float32(std)
+    return w
+
+
+def kaiming_uniform(g: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+    """Kaiming uniform, fan_out mode, ReLU gain: U(-b, b) with b = sqrt(6 / (C_out * prod(kernel))),
+    the variance of :func:`kaiming_normal` (He et al. 2015 fix only the variance; PyTorch's
+    ``kaiming_uniform_``). The heads' default: a uniform draw costs a third of a normal one, and the
+    heads' draw was most of the time from a prototxt to a trainable module (82 MB on mobilenetv2)."""
+    bound = math.sqrt(6.0 / (shape[0] * math.prod(shape[2:])))
+    w = memory.empty(shape, np.float32)
+    g.random(dtype=np.float32, out=w)
+    w *= np.float32(2.0 * bound)
+    w -= np.float32(bound)
     return w
 
 
@@ -47,6 +62,7 @@ def linear_uniform(g: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray
 #: recipe name -> draw(generator, shape)
 RECIPES: dict[str, Callable[[np.random.Generator, tuple[int, ...]], np.ndarray]] = {
     "kaiming_normal": kaiming_normal,
+    "kaiming_uniform": kaiming_uniform,
     "linear_uniform": linear_uniform,
 }
 

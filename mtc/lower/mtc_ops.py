@@ -12,6 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from mtc.ir import memory
 from mtc.ir import supergraph as sg
 from mtc.lower.controls import Controls
 from mtc.lower.registry import BuildNode, Kernel, register_op
@@ -55,7 +56,7 @@ def _regroup(node: BuildNode) -> Kernel:
 def _copy_of(node: BuildNode) -> Kernel:
     # A copy starts as the shared weights: materialise it as its own parameter, addressed by the
     # copy's IR name (``conv1.weight@seg``) like every other weight.
-    src = np.array(node.const(0), copy=True)
+    src = memory.copy(np.asarray(node.const(0)))
     node.add_parameter("value", torch.from_numpy(src), buffer=bool(node.attr("buffer", 0)),
                        ir_name=node.output_names[0])
     return lambda p: p

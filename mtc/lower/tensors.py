@@ -8,6 +8,8 @@ import numpy as np
 import onnx_ir as ir
 import torch
 
+from mtc.ir import memory
+
 _IR_TO_TORCH: dict[ir.DataType, torch.dtype] = {
     ir.DataType.FLOAT: torch.float32,
     ir.DataType.DOUBLE: torch.float64,
@@ -44,7 +46,7 @@ def to_torch(value: Any) -> Any:
     if arr.dtype.name == "bfloat16":  # ml_dtypes' bfloat16: same bits as torch's
         return torch.from_numpy(np.array(arr.view(np.uint16), copy=True)).view(torch.bfloat16)
     # np.array copies: initializer arrays may be read-only views of the model's buffers.
-    return torch.from_numpy(np.array(arr, copy=True))
+    return torch.from_numpy(memory.copy(arr))
 
 
 def to_numpy(value: Any) -> Any:

@@ -20,8 +20,8 @@ carries ``metadata_props`` ``mtc.origin = head@{task}`` and ``mtc.task = {task}`
 Initialisation is reproducible: each weight comes from a NumPy generator seeded with
 ``[seed, crc32(initializer name)]``; the name holds the task, so tasks get different weights, and
 the same inputs give byte-identical files whatever order weights are read in. Convolutions are
-Kaiming-normal (fan_out, ReLU gain: ``std = sqrt(2 / (C_out k_h k_w))``, as torchvision's
-DeepLab), the linear layer is PyTorch's ``nn.Linear`` default (uniform ±1/sqrt(fan_in)), and biases
+Kaiming-uniform (fan_out, ReLU gain: the variance of torchvision DeepLab's Kaiming-normal,
+``std = sqrt(2 / (C_out k_h k_w))``, at a third of its drawing time), the linear layer is PyTorch's ``nn.Linear`` default (uniform ±1/sqrt(fan_in)), and biases
 are zero. Weights are lazy, cached ``ir.LazyTensor`` objects, drawn when first read (saving,
 lowering), so building heads spends no time in the random generator (5 heads of width 256 on a
 512-channel feature hold 25 M weights).
@@ -135,7 +135,7 @@ class _Builder:
     def conv(
         self, name: str, x: ir.Value, c_in: int, c_out: int, hw: tuple, *, k: int = 1, rate: int = 1
     ) -> ir.Value:
-        w = self.random_init(f"{name}.weight", (c_out, c_in, k, k), "kaiming_normal")
+        w = self.random_init(f"{name}.weight", (c_out, c_in, k, k), "kaiming_uniform")
         b = self.init(f"{name}.bias", np.zeros(c_out, dtype=np.float32))
         pad = rate * (k - 1) // 2
         attrs = {

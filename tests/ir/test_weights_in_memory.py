@@ -82,3 +82,50 @@ def test_unread_head_weights_are_drawn_into_the_module_once_and_equal_the_recipe
     np.testing.assert_array_equal(t.numpy(), held[name].detach().numpy())
     other = dict(lower(model).named_initializers())
     assert other[name].data_ptr() != held[name].data_ptr()
+
+
+@pytest.mark.parametrize("shape, dtype", [((3, 5), np.float32), ((512, 1024), np.float32), ((300, 1000), np.int64),
+                                          ((), np.float64)])
+def test_new_weight_memory_is_a_plain_writeable_array_freed_with_its_last_user(shape, dtype):
+    import gc
+    import weakref
+
+    import torch
+
+    from mtc.ir import memory
+
+    a = memory.empty(shape, dtype)
+    assert a.shape == shape and a.dtype == dtype and a.flags.c_contiguous and a.flags.writeable
+    src = np.arange(int(np.prod(shape)), dtype=dtype).reshape(shape)
+    b = memory.copy(src)
+    assert np.array_equal(b, src) and not np.shares_memory(b, src)
+    t = torch.from_numpy(b)  # the lowering hands such arrays to torch without a copy
+    t += 1
+    assert np.array_equal(b, src + 1)
+    if np.prod(shape) * np.dtype(dtype).itemsize >= memory.POPULATE_MIN_BYTES:
+        base = b
+        while isinstance(base, np.ndarray) and base.base is not None:
+            base = base.base
+        ref = weakref.ref(base)  # the mapping: unmapped once the array and the tensor are gone
+        del a, b, t, base
+        gc.collect()
+        assert ref() is None
+
+
+def test_kaiming_uniform_has_the_kaiming_normal_variance_and_old_recipes_still_read():
+    from mtc.ir import seeded
+
+    shape = (64, 32, 3, 3)
+    std = np.sqrt(2.0 / (64 * 9))
+    w = seeded.draw("kaiming_uniform", 0, "head@seg/aspp1/conv1.weight", shape)
+    assert w.dtype == np.float32 and w.shape == shape
+    assert np.abs(w).max() <= np.sqrt(3) * std * (1 + 1e-6)  # U(-b, b), b = sqrt(6 / fan_out)
+    assert w.std() == pytest.approx(std, rel=0.02) and abs(float(w.mean())) < 0.01 * std
+    # The same generator, the documented affine map of its float32 uniforms.
+    u = seeded.rng(0, "head@seg/aspp1/conv1.weight").random(shape, dtype=np.float32)
+    b = np.float32(np.sqrt(3) * std)
+    assert np.array_equal(w, u * np.float32(2 * b) - b)
+    # Files written before the heads drew uniforms name kaiming_normal: the same values as then.
+    n = seeded.draw("kaiming_normal", 0, "x", shape)
+    expect = seeded.rng(0, "x").standard_normal(shape, dtype=np.float32) * np.float32(std)
+    assert np.array_equal(n, expect)

@@ -115,7 +115,7 @@ def test_structure_names_metadata_and_init():
     w = init["head@seg/aspp2/conv1.weight"].const_value.numpy()
     assert w.shape == (16, 8, 3, 3) and w.dtype == np.float32
     assert init["head@seg/aspp2/conv1.bias"].const_value.numpy().tolist() == [0.0] * 16
-    # Kaiming normal, fan_out mode: std = sqrt(2 / (16 * 9)).
+    # Kaiming (uniform), fan_out mode: std = sqrt(2 / (16 * 9)).
     assert w.std() == pytest.approx(np.sqrt(2 / (16 * 9)), rel=0.15)
 
 
