@@ -94,12 +94,10 @@ class PluginCommand(click.Command):
         return super().get_params(ctx)
 
 
-def _human(n: float) -> str:
-    for unit in ("", "K", "M", "G", "T"):
-        if abs(n) < 1000:
-            return f"{n:.3g}{unit}" if unit else f"{int(n)}"
-        n /= 1000
-    return f"{n:.3g}P"
+def human(n: float) -> str:
+    from mtc.ir.cost import human as _human  # not at start-up: it loads onnx_ir
+
+    return _human(n)
 
 
 def _one_line_warnings() -> None:
@@ -272,7 +270,7 @@ def import_cmd(src: str, out: str | None, input_shape: str | None, opset: int | 
     model = _import(src, input_shape, opset, exporter, seed)
     written = io.save(model, dst)
     params, macs, _ = model_cost(model)
-    click.echo(f"wrote {written}: {len(list(model.graph))} nodes, {_human(params)} params, {_human(macs)} MACs")
+    click.echo(f"wrote {written}: {len(list(model.graph))} nodes, {human(params)} params, {human(macs)} MACs")
 
 
 # ----------------------------------------------------------------------------------------- inspect
@@ -366,7 +364,7 @@ def _print_summary(s: dict[str, Any]) -> None:
 
     con = Console()
     con.print(f"[bold]{s['source']}[/bold]  graph '{s['graph']}', opset {s['opset']}, {s['nodes']} nodes, "
-              f"{_human(s['params'])} params ({s['params']:,}), {_human(s['macs'])} MACs ({s['macs']:,})")
+              f"{human(s['params'])} params ({s['params']:,}), {human(s['macs'])} MACs ({s['macs']:,})")
     io_t = Table(title="Interface", show_header=True)
     io_t.add_column("kind")
     io_t.add_column("name")
@@ -986,12 +984,12 @@ def export_cmd(source: str, out: str, tasks: tuple[str, ...], all_tasks: bool, f
         click.echo(print_report(rep))
         if "budget_macs" in info and rep.get("fused") is not None:
             f = rep["fused"]
-            click.echo(f"budget asked {_human(info['budget_macs'])} MACs; delivered {_human(f['macs'])} MACs "
+            click.echo(f"budget asked {human(info['budget_macs'])} MACs; delivered {human(f['macs'])} MACs "
                        f"({f['macs']:,}; fused model, {f['latency_ms']:.3f} ms median)")
         click.echo(f"wrote {rep['path']}")
     if "budget_macs" in info and (not report or rep.get("fused") is None):
-        click.echo(f"budget asked {_human(info['budget_macs'])} MACs; the fused model costs "
-                   f"{_human(info['predicted_macs'])} MACs (cost model)")
+        click.echo(f"budget asked {human(info['budget_macs'])} MACs; the fused model costs "
+                   f"{human(info['predicted_macs'])} MACs (cost model)")
 
 
 # ------------------------------------------------------------------------------------------- prune

@@ -21,7 +21,7 @@ import onnx_ir as ir
 from mtc.errors import MtcError
 from mtc.export.api import VerificationError, rel_diff, session
 from mtc.ir.channels import Channels, analyze
-from mtc.ir.cost import model_cost
+from mtc.ir.cost import human, model_cost
 from mtc.ir.shapes import input_dims
 from mtc.passes.prune import ChannelPlan, apply_plan, build_plan
 
@@ -198,14 +198,6 @@ def prune_report(result: PruneResult, *, provider: str = "cpu", repeat: int = 30
             "channels": {"total": int(sum(g.size for g in ch)), "removed": result.plan.removed(ch)}}
 
 
-def _h(n: float) -> str:
-    for unit in ("", "K", "M", "G"):
-        if abs(n) < 1000:
-            return f"{n:.3g}{unit}"
-        n /= 1000
-    return f"{n:.3g}T"
-
-
 def print_prune_report(rep: dict[str, Any]) -> str:
     """The report as a plain-text table (like the deployment report's)."""
     a, b = rep["original"], rep["pruned"]
@@ -217,8 +209,8 @@ def print_prune_report(rep: dict[str, Any]) -> str:
     return "\n".join([
         f"prune report ({rep['provider']}, batch {rep['batch']}, median of {rep['repeat']} interleaved runs)",
         f"{'model':<10} {'params':>9} {'MACs':>9} {'latency ms':>11}",
-        f"{'original':<10} {_h(a['params']):>9} {_h(a['macs']):>9} {a['latency_ms']:>11.3f}",
-        f"{'pruned':<10} {_h(b['params']):>9} {_h(b['macs']):>9} {b['latency_ms']:>11.3f}",
+        f"{'original':<10} {human(a['params']):>9} {human(a['macs']):>9} {a['latency_ms']:>11.3f}",
+        f"{'pruned':<10} {human(b['params']):>9} {human(b['macs']):>9} {b['latency_ms']:>11.3f}",
         f"{'change':<10} {pct('params'):>9} {pct('macs'):>9} {pct('latency_ms'):>11}",
         f"{g['pruned']} of {g['prunable']} prunable groups pruned ({g['total']} groups); "
         f"{c['removed']} of {c['total']} channels removed",

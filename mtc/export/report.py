@@ -19,7 +19,7 @@ import onnx_ir as ir
 
 from mtc.export.api import REPORT, Exported, export_graphs, sample_input, session
 from mtc.ir import supergraph as sg
-from mtc.ir.cost import model_cost
+from mtc.ir.cost import human, model_cost
 from mtc.ir.io import atomic_write
 from mtc.ir.plan import reference_plan
 from mtc.timing import time_interleaved
@@ -112,14 +112,6 @@ def deployment_report(model: ir.Model, ex: Exported, out_dir: str | os.PathLike[
     return rep
 
 
-def _h(n: float) -> str:
-    for unit in ("", "K", "M", "G"):
-        if abs(n) < 1000:
-            return f"{n:.3g}{unit}"
-        n /= 1000
-    return f"{n:.3g}T"
-
-
 def print_report(rep: dict[str, Any]) -> str:
     """The report as a plain-text table."""
     lines = [f"deployment report ({rep['provider']}, batch {rep['batch']}, median of {rep['repeat']} runs)",
@@ -127,11 +119,11 @@ def print_report(rep: dict[str, Any]) -> str:
              f"{'backbone+head params':>20} {'MACs':>9} {'latency ms':>11}"]
     for t, r in rep["tasks"].items():
         e, b = r["exported"], r["backbone"]
-        lines.append(f"{t:<16} {_h(e['params']):>9} {_h(e['macs']):>9} {e['latency_ms']:>11.3f}   "
-                     f"{_h(b['params']):>20} {_h(b['macs']):>9} {b['latency_ms']:>11.3f}")
+        lines.append(f"{t:<16} {human(e['params']):>9} {human(e['macs']):>9} {e['latency_ms']:>11.3f}   "
+                     f"{human(b['params']):>20} {human(b['macs']):>9} {b['latency_ms']:>11.3f}")
     f = rep.get("fused")
     if f is not None:
         s = f["sum_of_tasks"]
-        lines.append(f"{'fused':<16} {_h(f['params']):>9} {_h(f['macs']):>9} {f['latency_ms']:>11.3f}   "
-                     f"{'sum of tasks':>20} {_h(s['macs']):>9} {s['latency_ms']:>11.3f}")
+        lines.append(f"{'fused':<16} {human(f['params']):>9} {human(f['macs']):>9} {f['latency_ms']:>11.3f}   "
+                     f"{'sum of tasks':>20} {human(s['macs']):>9} {s['latency_ms']:>11.3f}")
     return "\n".join(lines)

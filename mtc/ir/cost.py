@@ -129,3 +129,12 @@ def model_cost(model: ir.Model) -> tuple[int, int, list[NodeCost]]:
                 params += _numel(v)
         costs.append(node_cost(node))
     return params, sum(c.macs for c in costs), costs
+
+
+def human(n: float, digits: int = 3) -> str:
+    """A count with an SI suffix (``27.3K``, ``4.96M``): how reports and the CLI print params and MACs."""
+    for unit in ("", "K", "M", "G", "T"):
+        if abs(n) < 1000:
+            return f"{int(n)}" if not unit and float(n).is_integer() else f"{n:.{digits}g}{unit}"
+        n /= 1000
+    return f"{n:.{digits}g}P"

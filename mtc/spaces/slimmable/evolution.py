@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from mtc.errors import MtcError
+from mtc.ir.cost import human
 from mtc.spaces.slimmable.config import WidthSpace
 
 Cost = Callable[[np.ndarray], int]
@@ -69,17 +70,9 @@ def check_budget(budget: float, cost: Cost, space: WidthSpace) -> tuple[int, int
     lo, hi = cost(space.smallest()), cost(space.full())
     if budget < lo or budget > hi:
         where = "below the smallest" if budget < lo else "above the largest"
-        raise MtcError(f"--budget {_h(budget)}MAC is {where} sub-network: the sub-networks cost {_h(lo)} to "
-                       f"{_h(hi)} MACs ({lo:,} to {hi:,})")
+        raise MtcError(f"--budget {human(budget, 4)}MAC is {where} sub-network: the sub-networks cost {human(lo, 4)} to "
+                       f"{human(hi, 4)} MACs ({lo:,} to {hi:,})")
     return lo, hi
-
-
-def _h(n: float) -> str:
-    for unit in ("", "K", "M", "G"):
-        if abs(n) < 1000:
-            return f"{n:.4g}{unit}"
-        n /= 1000
-    return f"{n:.4g}T"
 
 
 @dataclass
@@ -100,7 +93,7 @@ def set_decoders(space: WidthSpace, tau: Sequence[float] | np.ndarray, cost: Cos
         dec = np.minimum(want, cap)
         if cost(with_decoders(space, 0, dec)) <= budget:
             return Decoders(dec, want, cap)
-    raise MtcError(f"--budget {_h(budget)}MAC: not even the smallest sub-network fits")
+    raise MtcError(f"--budget {human(budget, 4)}MAC: not even the smallest sub-network fits")
 
 
 def fit_random(space: WidthSpace, base: np.ndarray, cost: Cost, budget: float, rng: np.random.Generator) -> np.ndarray:
