@@ -234,8 +234,10 @@ def to_markdown(grid: dict[str, Any], res: dict[str, Any], work: Path) -> str:
                       f"{pr['searched_better']} of {pr['runs']} seeds ({per})."]
     lines += ["", "## Commands", "", "```bash"]
     log = work / "commands.log"
-    if log.exists():
-        lines += [x[2:] for x in log.read_text().splitlines() if x.startswith("$ ")]
+    if log.exists():  # this table's runs only (one work folder may hold several grids)
+        ids = {r["id"] for r in runs_of(grid)}
+        lines += [x[2:] for x in log.read_text().splitlines()
+                  if x.startswith("$ cd ") and x.split()[2] in ids]
     lines += ["```", ""]
     return "\n".join(lines)
 
