@@ -83,6 +83,10 @@ def _label(name: str, digit: int, k: int) -> int:
     return k  # rotated
 
 
+#: Splits of at most this many output pixels keep their resized images (64x64: ~30 MB for all 1797).
+_CACHE_PIXELS = 1797 * 64 * 64
+
+
 def make_digits(
     tasks: list[TaskSpec],
     input_shape: tuple[int, int, int],
@@ -134,15 +138,22 @@ def make_digits(
     c, h, w = input_shape
     names = [(t.name, base_task(t.name)) for t in tasks]
 
+    def resized(j: np.ndarray) -> torch.Tensor:
+        """Images ``j``, rotated and resized to ``(h, w)``: ``(len(j), 1, h, w)``."""
+        img = torch.from_numpy(np.stack([np.rot90(images[i], int(ks[i])) for i in j]))
+        # align_corners=False: pixel centres map like an image resize (as PIL/OpenCV do).
+        return F.interpolate(img[:, None], size=(h, w), mode="bilinear", align_corners=False)
+
     def maker(index: np.ndarray):
+        # Small inputs are resized once per split (a training step reads every image many times);
+        # interpolation treats each image alone, so the values are those of a per-read resize.
+        cache = resized(index) if len(index) * h * w <= _CACHE_PIXELS else None
+
         def make(i: int):
             j = int(index[i])
-            k = int(ks[j])
-            img = torch.from_numpy(np.array(np.rot90(images[j], k)))  # a writable copy
-            # align_corners=False: pixel centres map like an image resize (as PIL/OpenCV do).
-            up = F.interpolate(img[None, None], size=(h, w), mode="bilinear", align_corners=False)[0]
-            image = up.expand(c, h, w).contiguous()
-            digit = int(labels[j])
+            up = cache[i] if cache is not None else resized(np.array([j]))[0]
+            image = up.expand(c, h, w).clone()
+            digit, k = int(labels[j]), int(ks[j])
             return image, {name: torch.tensor(_label(base, digit, k), dtype=torch.int64) for name, base in names}
 
         return make

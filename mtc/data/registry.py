@@ -351,6 +351,12 @@ def _target_problem(task: TaskSpec, target: Any, hw: Sequence[int]) -> str | Non
         if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
             return f"{task.kind} labels must be integers, got {t.dtype}"
         ignore = getattr(kind, "ignore_index", None)
+        if t.numel() == 1:  # one class label: read it, not four tensor ops (every sample is checked)
+            v = int(t)
+            if v == ignore or (ignore is None and v < 0) or 0 <= v < task.channels:
+                return None
+            extra = f" or {ignore}" if ignore is not None else " (or negative: missing)"
+            return f"labels must lie in [0, {task.channels}){extra}, got {v}..{v}"
         labels = t[t != ignore] if ignore is not None else t[t >= 0]
         if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= task.channels):
             extra = f" or {ignore}" if ignore is not None else " (or negative: missing)"
