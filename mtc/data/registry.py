@@ -353,14 +353,17 @@ def _target_problem(task: TaskSpec, target: Any, hw: Sequence[int]) -> str | Non
         ignore = getattr(kind, "ignore_index", None)
         if t.numel() == 1:  # one class label: read it, not four tensor ops (every sample is checked)
             v = int(t)
-            if v == ignore or (ignore is None and v < 0) or 0 <= v < task.channels:
+            if v == ignore or (ignore is None and v < 0):
                 return None
+            lo = hi = v
+        else:
+            labels = t[t != ignore] if ignore is not None else t[t >= 0]
+            if not labels.numel():
+                return None
+            lo, hi = int(labels.min()), int(labels.max())
+        if lo < 0 or hi >= task.channels:
             extra = f" or {ignore}" if ignore is not None else " (or negative: missing)"
-            return f"labels must lie in [0, {task.channels}){extra}, got {v}..{v}"
-        labels = t[t != ignore] if ignore is not None else t[t >= 0]
-        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= task.channels):
-            extra = f" or {ignore}" if ignore is not None else " (or negative: missing)"
-            return f"labels must lie in [0, {task.channels}){extra}, got {int(labels.min())}..{int(labels.max())}"
+            return f"labels must lie in [0, {task.channels}){extra}, got {lo}..{hi}"
     elif not t.is_floating_point():
         return f"{task.kind} targets must be float, got {t.dtype}"
     return None

@@ -31,9 +31,13 @@ def rng(seed: int, name: str) -> np.random.Generator:
     return np.random.default_rng([int(seed) & 0xFFFFFFFF, zlib.crc32(name.encode())])
 
 
+def _fan_out(shape: tuple[int, ...]) -> int:
+    return shape[0] * math.prod(shape[2:])
+
+
 def kaiming_normal(g: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
     """Kaiming normal, fan_out mode, ReLU gain: std = sqrt(2 / (C_out * prod(kernel)))."""
-    std = math.sqrt(2.0 / (shape[0] * math.prod(shape[2:])))
+    std = math.sqrt(2.0 / _fan_out(shape))
     w = memory.empty(shape, np.float32)
     g.standard_normal(dtype=np.float32, out=w)
     w *= np.float32(std)
@@ -45,7 +49,7 @@ def kaiming_uniform(g: np.random.Generator, shape: tuple[int, ...]) -> np.ndarra
     the variance of :func:`kaiming_normal` (He et al. 2015 fix only the variance; PyTorch's
     ``kaiming_uniform_``). The heads' default: a uniform draw costs a third of a normal one, and the
     heads' draw was most of the time from a prototxt to a trainable module (82 MB on mobilenetv2)."""
-    bound = math.sqrt(6.0 / (shape[0] * math.prod(shape[2:])))
+    bound = math.sqrt(6.0 / _fan_out(shape))
     w = memory.empty(shape, np.float32)
     g.random(dtype=np.float32, out=w)
     w *= np.float32(2.0 * bound)
