@@ -15,11 +15,12 @@ version of a blob keeps the blob's name and earlier versions are ``<blob>/<layer
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from numbers import Integral
 from pathlib import Path
@@ -38,6 +39,7 @@ from mtc.frontends import caffe_pb2 as _caffe_pb2
 from mtc.ir import memory
 from mtc.ir.names import ORIGIN_KEY
 from mtc.ir.opset import MIN_OPSET, TARGET_OPSET
+from mtc.ir.seeded import DrawnTensor
 
 # The generated module builds its message classes at import time, out of a type checker's sight.
 caffe_pb2: Any = _caffe_pb2
@@ -156,6 +158,14 @@ def _rule_met(rule: _Msg) -> bool:
     if rule.HasField("max_level") and rule.max_level < 0:
         return False
     return not rule.stage
+
+
+@dataclass(frozen=True)
+class _Deferred:
+    """A random blob drawn later: its shape and the function that draws it."""
+
+    shape: tuple[int, ...]
+    fn: Callable[[], np.ndarray]
 
 
 def _normal(rng: np.random.Generator, mean: float, std: float, shape: tuple[int, ...]) -> np.ndarray:
@@ -520,11 +530,11 @@ class _Converter:
         self.nodes.append(node)
         return node
 
-    def _init(self, name: str, array: np.ndarray) -> str:
+    def _init(self, name: str, array: np.ndarray | _Deferred) -> str:
         unique = self._value_name(name)
         # The proto carries type and shape only; the array goes into the IR as it is after parsing
         # (copying 85 MB of weights into a proto and back cost ~0.15 s on deeplab_resnet34).
-        arr = np.ascontiguousarray(array, dtype=np.float32)
+        arr = array if isinstance(array, _Deferred) else np.ascontiguousarray(array, dtype=np.float32)
         self.initializers.append(onnx.TensorProto(name=unique, data_type=TensorProto.FLOAT, dims=arr.shape))
         self.arrays[unique] = arr
         return unique
@@ -546,6 +556,16 @@ class _Converter:
         # deeplab_resnet34's 21 M weights ~3x faster than the legacy RandomState's float64 Box-Muller.
         return np.random.Generator(np.random.PCG64(np.random.SeedSequence([int(self.seed), layer.index])))
 
+    def _redraw(self, layer: _Layer, fn: Callable[..., np.ndarray], a: float, b: float,
+                shape: tuple[int, ...]) -> np.ndarray:
+        return fn(self._rng(layer), a, b, shape)
+
+    @staticmethod
+    def _draws(filler: _Msg | None, default: str) -> bool:
+        """Whether a filler takes numbers from the layer's stream."""
+        kind = default if filler is None else filler.type
+        return kind not in ("one", "zero", "constant", "bilinear")
+
     def _fill(
         self,
         filler: _Msg,
@@ -554,8 +574,16 @@ class _Converter:
         default: str,
         layer: _Layer,
         what: str,
-    ) -> np.ndarray:
-        """Draw a blob of Caffe shape ``shape`` as Caffe's filler would."""
+        *,
+        defer: bool = False,
+    ) -> np.ndarray | _Deferred:
+        """Draw a blob of Caffe shape ``shape`` as Caffe's filler would.
+
+        ``defer`` (the blob is the first and last draw from ``layer``'s stream): the random fillers
+        return the draw as a :class:`_Deferred`, made when the weight is first read, and by the
+        lowering straight into the module's parameter (no second copy, no fill at import); the
+        values are the same as drawn here, from a fresh stream for the layer.
+        """
         if filler is None:
             if default == "one":
                 return np.ones(shape, np.float32)
@@ -580,8 +608,12 @@ class _Converter:
         elif kind == "uniform":
             if filler.max < filler.min:
                 raise self._err(f"{what}: uniform filler has max {filler.max} < min {filler.min}", layer)
+            if defer:
+                return _Deferred(shape, functools.partial(self._redraw, layer, _uniform, filler.min, filler.max, shape))
             data = _uniform(rng, filler.min, filler.max, shape)
         elif kind == "gaussian":
+            if defer and filler.sparse < 0:
+                return _Deferred(shape, functools.partial(self._redraw, layer, _normal, filler.mean, filler.std, shape))
             data = _normal(rng, filler.mean, filler.std, shape)
             if filler.sparse >= 0:
                 if not shape:
@@ -592,8 +624,12 @@ class _Converter:
                 data = data * keep
         elif kind == "xavier":
             scale = math.sqrt(3.0 / n)
+            if defer:
+                return _Deferred(shape, functools.partial(self._redraw, layer, _uniform, -scale, scale, shape))
             data = _uniform(rng, -scale, scale, shape)
         elif kind == "msra":
+            if defer:
+                return _Deferred(shape, functools.partial(self._redraw, layer, _normal, 0.0, math.sqrt(2.0 / n), shape))
             data = _normal(rng, 0.0, math.sqrt(2.0 / n), shape)
         elif kind == "positive_unitball":
             data = rng.random(shape).reshape(shape[0] if shape else 1, -1)
@@ -777,7 +813,9 @@ class _Converter:
     ) -> None:
         p = layer.proto.convolution_param
         rng = self._rng(layer)
-        w = self._fill(self._filler(p, "weight_filler"), wshape, rng, "msra", layer, "weight_filler")
+        # The weight is the stream's first draw; deferred unless a random bias draws after it.
+        defer = not (p.bias_term and self._draws(self._filler(p, "bias_filler"), "zero"))
+        w = self._fill(self._filler(p, "weight_filler"), wshape, rng, "msra", layer, "weight_filler", defer=defer)
         inputs = [x, self._init(f"{layer.name}.weight", w)]
         if p.bias_term:
             b = self._fill(self._filler(p, "bias_filler"), (p.num_output,), rng, "zero", layer, "bias_filler")
@@ -1070,7 +1108,8 @@ class _Converter:
         n = p.num_output
         wshape = (k, n) if p.transpose else (n, k)
         rng = self._rng(layer)
-        w = self._fill(self._filler(p, "weight_filler"), wshape, rng, "msra", layer, "weight_filler")
+        defer = not (p.bias_term and self._draws(self._filler(p, "bias_filler"), "zero"))
+        w = self._fill(self._filler(p, "weight_filler"), wshape, rng, "msra", layer, "weight_filler", defer=defer)
         inputs = [x, self._init(f"{layer.name}.weight", w)]
         if p.bias_term:
             b = self._fill(self._filler(p, "bias_filler"), (n,), rng, "zero", layer, "bias_filler")
@@ -1234,5 +1273,9 @@ class _Converter:
         )
         out = ir.from_proto(model)
         for name, value in out.graph.initializers.items():
-            value.const_value = ir.Tensor(self.arrays[name], name=name)
+            arr = self.arrays[name]
+            if isinstance(arr, _Deferred):
+                value.const_value = DrawnTensor(arr.fn, arr.shape, name)
+            else:
+                value.const_value = ir.Tensor(arr, name=name)
         return out

@@ -77,15 +77,20 @@ def draw(recipe: str, seed: int, name: str, shape: tuple[int, ...]) -> np.ndarra
     return RECIPES[recipe](rng(seed, name), shape).astype(np.float32, copy=False)
 
 
-class SeededTensor(ir.LazyTensor):
-    """A float32 initializer drawn by ``recipe`` from ``rng(seed, name)`` when first read."""
+class DrawnTensor(ir.LazyTensor):
+    """A float32 initializer computed by ``fn`` (fresh memory, same values on every call) when first
+    read, and cached; or drawn afresh for a reader that takes ownership (:meth:`owned_array`)."""
 
-    def __init__(self, recipe: str, seed: int, shape: tuple[int, ...], name: str) -> None:
-        self.recipe = recipe
-        self.seed = int(seed)
+    def __init__(self, fn: Callable[[], np.ndarray], shape: tuple[int, ...], name: str) -> None:
+        self._fn = fn
         dims = tuple(int(d) for d in shape)
-        super().__init__(lambda: ir.tensor(draw(recipe, self.seed, name, dims), name=name), dtype=ir.DataType.FLOAT,
-                         shape=ir.Shape(list(dims)), cache=True, name=name)
+        super().__init__(lambda: ir.tensor(fn(), name=name), dtype=ir.DataType.FLOAT, shape=ir.Shape(list(dims)),
+                         cache=True, name=name)
+
+    @property
+    def drawn(self) -> bool:
+        """Whether the values were read (and are cached)."""
+        return self._tensor is not None
 
     def owned_array(self) -> tuple[np.ndarray, bool]:
         """The values, and whether the caller owns the array (may hand it to torch without a copy).
@@ -95,7 +100,17 @@ class SeededTensor(ir.LazyTensor):
         """
         if self._tensor is not None:
             return self._tensor.numpy(), False
-        return draw(self.recipe, self.seed, self.name or "", tuple(int(d) for d in self.shape.numpy())), True
+        return self._fn(), True
+
+
+class SeededTensor(DrawnTensor):
+    """A float32 initializer drawn by ``recipe`` from ``rng(seed, name)`` when first read."""
+
+    def __init__(self, recipe: str, seed: int, shape: tuple[int, ...], name: str) -> None:
+        self.recipe = recipe
+        self.seed = int(seed)
+        dims = tuple(int(d) for d in shape)
+        super().__init__(lambda: draw(recipe, self.seed, name, dims), dims, name)
 
 
 def encode(model: ir.Model) -> ir.Model:

@@ -8,6 +8,7 @@ import onnx
 import onnx_ir as ir
 
 from mtc.errors import MtcError
+from mtc.ir.seeded import DrawnTensor
 
 _FLOATS = {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE}
 #: Float initializers above this many elements reach shape inference without their data.
@@ -54,6 +55,8 @@ def check_model(model: ir.Model) -> None:
         t = v.const_value
         if _heavy(t):
             heavy.add(name)
+            if isinstance(t, DrawnTensor) and not t.drawn:
+                continue  # drawn by mtc to its shape when read; drawing it here would only cost time
             try:
                 t.numpy()  # a view where the data is in memory: cheap
             except Exception as e:  # a proto's bytes or an external file that do not fill the shape

@@ -26,7 +26,7 @@ from torch import nn
 from mtc.errors import MtcError
 from mtc.ir.memory import release_freed_memory
 from mtc.ir.names import gc_paused
-from mtc.ir.seeded import SeededTensor
+from mtc.ir.seeded import DrawnTensor
 from mtc.lower import mtc_ops as _mtc_ops  # noqa: F401  (registers the ai.mtc ops)
 from mtc.lower import ops as _ops  # noqa: F401  (registers the built-in ops)
 from mtc.lower.controls import Controls
@@ -211,7 +211,7 @@ class GraphModule(nn.Module):
             if v.const_value is None:
                 continue
             cv = v.const_value
-            if isinstance(cv, SeededTensor):  # fresh head weights: drawn straight into the module
+            if isinstance(cv, DrawnTensor):  # fresh weights (heads, prototxt fillers): drawn straight into the module
                 arr, owned = cv.owned_array()
             else:
                 arr, owned = cv.numpy(), False

@@ -25,6 +25,7 @@ import onnx_ir as ir
 from onnx.reference import ReferenceEvaluator
 
 from mtc.ir.opset import opset_of
+from mtc.ir.seeded import DrawnTensor
 from mtc.passes.base import Pass, PassResult
 from mtc.passes.manager import register_pass
 
@@ -57,6 +58,9 @@ class Sym:
 def _const(v: ir.Value | None) -> np.ndarray | None:
     if v is None or v.const_value is None:
         return None
+    t = v.const_value
+    if isinstance(t, DrawnTensor) and not t.drawn and t.size > MAX_FOLD_WEIGHT:
+        return None  # a fresh weight: never folded (_reads_weights), so not drawn just to look at it
     try:
         return v.const_value.numpy()
     except Exception:  # lazy external tensors that cannot be read

@@ -46,18 +46,57 @@ def test_the_weightless_check_accepts_what_the_full_check_accepts():
 def test_prototxt_weights_are_in_memory_arrays_with_the_documented_distributions():
     from mtc.frontends import import_model
 
+    from mtc.ir.seeded import DrawnTensor
+
     model = import_model(str(ROOT / "backbones" / "deeplab_resnet34.prototxt"))
     w = model.graph.initializers["conv1.weight"].const_value
-    import onnx_ir as ir
-
-    assert type(w) is ir.Tensor  # over the drawn array, not a proto's bytes
+    # drawn into memory when first read (not a proto's bytes), and not read by the import itself
+    assert isinstance(w, DrawnTensor) and not w.drawn
     a = w.numpy()
-    assert a.dtype == np.float32 and a.flags.writeable
+    assert w.drawn and a.dtype == np.float32 and a.flags.writeable
     fan_in = a[0].size
     bound = np.sqrt(3.0 / fan_in)  # the file's xavier filler
     assert np.abs(a).max() <= bound * (1 + 1e-6) and a.std() == pytest.approx(bound / np.sqrt(3), rel=0.05)
     again = import_model(str(ROOT / "backbones" / "deeplab_resnet34.prototxt"))
     np.testing.assert_array_equal(again.graph.initializers["conv1.weight"].const_value.numpy(), a)
+
+
+CONV_PROTOTXT = """
+name: "one"
+input: "data"
+input_shape { dim: 1 dim: 3 dim: 8 dim: 8 }
+layer { name: "c1" type: "Convolution" bottom: "data" top: "c1"
+  convolution_param { num_output: 16 kernel_size: 3 pad: 1 bias_term: %s
+    weight_filler { type: "xavier" } %s } }
+"""
+
+
+@pytest.mark.parametrize("bias", ["none", "constant", "gaussian"])
+def test_a_prototxt_weight_drawn_late_has_the_values_of_the_files_stream(tmp_path, bias):
+    """The weight is the first draw from its layer's stream (PCG64 over [seed, layer index]); drawn
+    when the lowering reads it or eagerly (a random bias draws after it), the values are the same."""
+    from mtc.frontends import import_model
+    from mtc.ir.seeded import DrawnTensor
+    from mtc.lower import lower
+
+    path = tmp_path / "one.prototxt"
+    filler = {"none": "", "constant": 'bias_filler { type: "constant" value: 0.5 }',
+              "gaussian": 'bias_filler { type: "gaussian" std: 0.1 }'}[bias]
+    path.write_text(CONV_PROTOTXT % ("false" if bias == "none" else "true", filler))
+    model = import_model(str(path), seed=7)
+    w = model.graph.initializers["c1.weight"].const_value
+    assert isinstance(w, DrawnTensor) == (bias != "gaussian")
+    # the oracle: Caffe's xavier (fan_in 27) from the layer's own stream, drawn by numpy here
+    # (the convolution is the file's layer 0)
+    ref = np.random.Generator(np.random.PCG64(np.random.SeedSequence([7, 0]))).random((16, 3, 3, 3), dtype=np.float32)
+    scale = np.float32(np.sqrt(3.0 / 27))
+    ref *= 2 * scale
+    ref -= scale
+    held = dict(lower(model).named_initializers())["c1.weight"].detach().numpy()
+    np.testing.assert_array_equal(held, ref)
+    np.testing.assert_array_equal(w.numpy(), held)  # the model reads the same values afterwards
+    if bias == "constant":
+        np.testing.assert_array_equal(model.graph.initializers["c1.bias"].const_value.numpy(), 0.5)
 
 
 def test_unread_head_weights_are_drawn_into_the_module_once_and_equal_the_recipe():
