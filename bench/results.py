@@ -13,6 +13,10 @@ Usage::
     python bench/results.py --work bench-out/results --grid automtl            # the preset below
     python bench/results.py --work W --grid grid.json --out docs-tables        # your own grid
     python bench/results.py --work W --grid automtl --tables-only              # aggregate what exists
+    python bench/results.py --work W --efficacy all --seeds 0-9                # the efficacy tests' claims
+
+``--efficacy`` runs the efficacy tests' own measurements per seed instead of the flow
+(``bench/efficacy.py``): how many seeds meet each test's threshold.
 
 A grid file is JSON: ``{"backbones": [...], "tasks": {"name": "t:kind:C,..."}, "seeds": [...],
 "budgets": {"name": {"pretrain": N, "policy": N, "steps": N}}, "data": SPEC, "head_width": W,
@@ -263,7 +267,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budgets", default=None, help="only these budgets (comma-separated)")
     ap.add_argument("--backbones", default=None, help="only these backbone stems (comma-separated)")
     ap.add_argument("--task-sets", default=None, help="only these task sets (comma-separated)")
+    ap.add_argument("--efficacy", default=None, metavar="GROUPS",
+                    help="run the efficacy tests' claims instead of the flow: all, or some of automtl,branched,allocation")
+    ap.add_argument("--seeds", default="0-9", help="with --efficacy: seeds, e.g. 0-9 or 0,3,5")
+    ap.add_argument("--claims", default=None, help="with --efficacy: only claims whose name contains this text")
     args = ap.parse_args(argv)
+    if args.efficacy:
+        return run_efficacy(args, argv)
     grid = load_grid(args.grid)
     for flag, key in ((args.budgets, "budgets"), (args.task_sets, "tasks")):
         if flag:
@@ -278,6 +288,28 @@ def main(argv: list[str] | None = None) -> int:
             execute(grid, work, args.threads)
     res = write_tables(grid, work, Path(args.out) if args.out else work / "results")
     print(json.dumps(res["pooled"], indent=1))
+    return 0
+
+
+def run_efficacy(args: argparse.Namespace, argv: list[str] | None) -> int:
+    sys.path.insert(0, str(ROOT))
+    import efficacy
+
+    seeds = efficacy.parse_seeds(args.seeds)
+    cl = efficacy.claims(args.efficacy)
+    if args.claims:
+        cl = [c for c in cl if args.claims in c["name"]]
+        if not cl:
+            raise SystemExit(f"results.py: --claims: no claim of {args.efficacy} contains '{args.claims}'")
+    work = Path(args.work)
+    if not args.tables_only:
+        with contextlib.suppress(KeyboardInterrupt):
+            efficacy.execute(cl, seeds, work)
+    rows = efficacy.collect(cl, seeds, work)
+    command = "python bench/results.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    efficacy.write_tables(rows, Path(args.out) if args.out else work / "efficacy", command)
+    for r in rows:
+        print(f"{r['claim']}: met on {r['met']} of {r['runs']} seeds ({'holds' if r['holds'] else 'does not hold'})")
     return 0
 
 

@@ -30,6 +30,7 @@ Settings (every one is recorded here and in docs/results.md, "Search efficacy"):
 
 from __future__ import annotations
 
+import functools
 import sys
 from pathlib import Path
 
@@ -72,42 +73,54 @@ def factory() -> nn.Module:
     return Backbone()
 
 
-@pytest.fixture(scope="module")
-def search(tmp_path_factory):
-    """``search(rho, lambda_reg, seed)`` -> the derived Policy (each run once per module); a float
-    λ_reg is used as given, ``DEFAULT`` takes SearchOptions' default (budget-scaled)."""
-    from mtc.data import load_data
+_CACHE: dict = {}
+
+
+@functools.cache
+def _supergraph():
     from mtc.frontends import import_model
     from mtc.spaces import compile_supergraph
-    from mtc.spaces.automtl import Policy, vcns_of
-    from mtc.spaces.automtl.search import SearchOptions
+    from mtc.spaces.automtl import vcns_of
     from mtc.tasks.spec import tasks_of
-    from mtc.train.run import RunDir
-    from mtc.train.search import run_search
 
     if str(HERE) not in sys.path:
         sys.path.insert(0, str(HERE))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny layers: extra threads only contend on a 2-core machine
     model = import_model("test_efficacy:factory", input_shape=INPUT_SHAPE)
     compile_supergraph(model, tasks=TASKS, head_width=HEAD_WIDTH, feature=model.graph.outputs[0].name)
     assert [v.depth for v in vcns_of(model)] == [1, 2, 3]
-    tasks = tasks_of(model)
-    cache: dict = {}
+    return model, tasks_of(model)
 
-    def run(rho: float, lambda_reg: float, seed: int):
-        key = (rho, lambda_reg, seed)
-        if key not in cache:
-            train, val = load_data(DATA.format(rho=rho), tasks, INPUT_SHAPE[1:], seed)
-            reg = {} if lambda_reg == DEFAULT else {"lambda_reg": lambda_reg, "lambda_reg_scaling": "none"}
-            opts = SearchOptions(**SEARCH, **reg, seed=seed, checkpoint_every=10**9, log_every=10**9)
-            if lambda_reg == DEFAULT:
-                assert opts.lambda_reg == 1e-3 and opts.effective_lambda_reg() == pytest.approx(0.01)
-            d = tmp_path_factory.mktemp(f"rho{rho}-lam{lambda_reg}-s{seed}")
-            cache[key] = Policy.from_plan(run_search(RunDir(d), model, train, val, opts, progress=False))
-        return cache[key]
 
-    yield run
+def derived(rho: float, lambda_reg: float | str, seed: int, work: Path):
+    """The derived Policy of one search (each run once per process, its run folder under ``work``);
+    a float λ_reg is used as given, ``DEFAULT`` takes SearchOptions' default (budget-scaled)."""
+    from mtc.data import load_data
+    from mtc.spaces.automtl import Policy
+    from mtc.spaces.automtl.search import SearchOptions
+    from mtc.train.run import RunDir
+    from mtc.train.search import run_search
+
+    key = (rho, lambda_reg, seed)
+    if key not in _CACHE:
+        model, tasks = _supergraph()
+        train, val = load_data(DATA.format(rho=rho), tasks, INPUT_SHAPE[1:], seed)
+        reg = {} if lambda_reg == DEFAULT else {"lambda_reg": lambda_reg, "lambda_reg_scaling": "none"}
+        opts = SearchOptions(**SEARCH, **reg, seed=seed, checkpoint_every=10**9, log_every=10**9)
+        if lambda_reg == DEFAULT:
+            assert opts.lambda_reg == 1e-3 and opts.effective_lambda_reg() == pytest.approx(0.01)
+        d = Path(work) / f"rho{rho}-lam{lambda_reg}-s{seed}"
+        d.mkdir(parents=True, exist_ok=True)
+        _CACHE[key] = Policy.from_plan(run_search(RunDir(d), model, train, val, opts, progress=False))
+    return _CACHE[key]
+
+
+@pytest.fixture(scope="module")
+def search(tmp_path_factory):
+    """``search(rho, lambda_reg, seed)`` -> the derived Policy (:func:`derived`)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny layers: extra threads only contend on a 2-core machine
+    work = tmp_path_factory.mktemp("efficacy")
+    yield lambda rho, lambda_reg, seed: derived(rho, lambda_reg, seed, work)
     torch.set_num_threads(threads)
 
 
@@ -115,6 +128,31 @@ def shared_fraction(policy) -> float:
     """Share of (task, VCN) pairs that choose the shared operator."""
     picks = [c == 0 for per in policy.choices.values() for c in per.values()]
     return sum(picks) / len(picks)
+
+
+# --- the claims per seed, for the results harness (bench/results.py --efficacy) -----------------
+
+def claim_related_share_more(seed: int, work: Path) -> dict:
+    from mtc.spaces.automtl.search import sharing_fraction
+
+    both = {rho: sharing_fraction(derived(rho, LAMBDA_REG, seed, work), "t1", "t2") for rho in (0.0, 1.0)}
+    gap = both[1.0] - both[0.0]
+    return {"value": gap, "met": gap >= 0.15 and both[1.0] < 1.0, "detail": {"rho0": both[0.0], "rho1": both[1.0]}}
+
+
+def claim_regularizer_increases_sharing(seed: int, work: Path) -> dict:
+    frac = {str(lam): [shared_fraction(derived(rho, lam, seed, work)) for rho in (0.0, 1.0)] for lam in (0.0, DEFAULT)}
+    gain = float(np.mean(frac[DEFAULT]) - np.mean(frac["0.0"]))
+    return {"value": gain, "met": gain >= 0.1, "detail": frac}
+
+
+#: name -> (per-seed measurement, the criterion in words: the test's threshold, applied per seed)
+CLAIMS = {
+    "automtl: related tasks share more": (claim_related_share_more,
+                                          "sharing(ρ=1) − sharing(ρ=0) ≥ 0.15, top VCN unshared"),
+    "automtl: the regulariser increases sharing": (claim_regularizer_increases_sharing,
+                                                   "shared fraction (default λ_reg) − (λ_reg = 0) ≥ 0.1"),
+}
 
 
 def test_related_tasks_share_more(search):

@@ -121,23 +121,22 @@ def _search(model, data: str, shape, seed: int, tmp_path, opts: dict):
     return sim, run
 
 
-@pytest.mark.parametrize("seed", SEEDS)
-def test_related_pairs_end_with_more_similar_embeddings(threads, tmp_path, seed):
+def relatedness(seed: int, work: Path) -> tuple[float, float, np.ndarray]:
+    """Mean embedding cosine inside the pairs and across them, and the similarity matrix."""
     model = _compile("branches", (1, 16, 1, 1), REL_TASKS, "branches")
-    sim, _ = _search(model, "relatedness?rho=1&d=16&n_train=2000&n_val=200", (16, 1, 1), seed, tmp_path, REL)
+    sim, _ = _search(model, "relatedness?rho=1&d=16&n_train=2000&n_val=200", (16, 1, 1), seed, work, REL)
     inside = np.mean([sim[0, 1], sim[2, 3]])
     across = np.mean([sim[0, 2], sim[0, 3], sim[1, 2], sim[1, 3]])
-    assert inside - across >= 0.3, np.round(sim, 3)
+    return float(inside), float(across), sim
 
 
-@pytest.mark.parametrize("seed", SEEDS)
-def test_copies_of_a_digits_task_end_with_more_similar_allocations(threads, tmp_path, seed):
+def copies(seed: int, work: Path) -> tuple[float, float, np.ndarray]:
+    """Mean allocation cosine between copies of a digits task and between other tasks."""
     model = _compile("digits", (1, 1, 8, 8), DIG_TASKS, "4")
-    sim, _ = _search(model, "digits?rotations=2", (1, 8, 8), seed, tmp_path, DIG)
-    copies = np.mean([sim[0, 1], sim[2, 3]])
+    sim, _ = _search(model, "digits?rotations=2", (1, 8, 8), seed, work, DIG)
+    same = np.mean([sim[0, 1], sim[2, 3]])
     others = np.mean([sim[0, 2], sim[0, 3], sim[1, 2], sim[1, 3]])
-    assert copies > others, np.round(sim, 3)
-
+    return float(same), float(others), sim
 
 
 def _final(run) -> tuple[float, float]:
@@ -147,14 +146,61 @@ def _final(run) -> tuple[float, float]:
     return active, float(np.mean([m["top1"] for m in val.values()]))
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("seed", SEEDS)
-def test_a_budget_of_three_quarters_keeps_at_most_077_active_within_a_point(threads, tmp_path, seed):
+def budget(seed: int, work: Path) -> dict[float, tuple[float, float]]:
+    """b -> (active fraction, mean top-1) for b = 0.75 and b = 1."""
     runs = {}
     for b in (0.75, 1.0):
         model = _compile("mtc.spaces.allocation.nets:digits_mlp", (1, 1, 8, 8), DIG_TASKS, "4")
-        _, run = _search(model, "digits?rotations=2", (1, 8, 8), seed, tmp_path / f"b{b}", {**BUDGET, "budget": b})
+        _, run = _search(model, "digits?rotations=2", (1, 8, 8), seed, Path(work) / f"b{b}", {**BUDGET, "budget": b})
         runs[b] = _final(run)
+    return runs
+
+
+# --- the claims per seed, for the results harness (bench/results.py --efficacy) -----------------
+
+def claim_relatedness(seed: int, work: Path) -> dict:
+    inside, across, _ = relatedness(seed, work)
+    return {"value": inside - across, "met": inside - across >= 0.3}
+
+
+def claim_copies(seed: int, work: Path) -> dict:
+    same, others, _ = copies(seed, work)
+    return {"value": same - others, "met": same > others}
+
+
+def claim_budget(seed: int, work: Path) -> dict:
+    runs = budget(seed, work)
+    (active, acc), (_, free) = runs[0.75], runs[1.0]
+    return {"value": acc - free, "met": active <= 0.77 and acc >= free - 1.0,
+            "detail": {"active": active, "top1": acc, "top1_free": free}}
+
+
+CLAIMS = {
+    "allocation: related pairs end with more similar embeddings": (claim_relatedness,
+                                                                   "mean cosine inside − across ≥ 0.3"),
+    "allocation: copies of a digits task end with more similar allocations": (claim_copies,
+                                                                              "mean cosine copies − others > 0"),
+    "allocation: b = 0.75 keeps ≤ 0.77 active within a point": (
+        claim_budget, "active fraction ≤ 0.77 and top-1 ≥ top-1 at b = 1 − 1 point (value: the top-1 difference)"),
+}
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_related_pairs_end_with_more_similar_embeddings(threads, tmp_path, seed):
+    inside, across, sim = relatedness(seed, tmp_path)
+    assert inside - across >= 0.3, np.round(sim, 3)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_copies_of_a_digits_task_end_with_more_similar_allocations(threads, tmp_path, seed):
+    same, others, sim = copies(seed, tmp_path)
+    assert same > others, np.round(sim, 3)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", SEEDS)
+def test_a_budget_of_three_quarters_keeps_at_most_077_active_within_a_point(threads, tmp_path, seed):
+    runs = budget(seed, tmp_path)
     (active, acc), (_, free) = runs[0.75], runs[1.0]
     assert active <= 0.77, runs
     assert acc >= free - 1.0, runs

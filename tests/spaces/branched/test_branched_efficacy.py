@@ -29,7 +29,7 @@ Settings (every one is recorded here and in docs/results.md, "Branched networks:
 
 from __future__ import annotations
 
-import json
+import functools
 import sys
 from pathlib import Path
 
@@ -70,8 +70,8 @@ def factory() -> nn.Module:
     return Backbone()
 
 
-@pytest.fixture(scope="module")
-def setup():
+@functools.cache
+def _supergraph():
     from mtc.frontends import import_model
     from mtc.spaces import compile_supergraph
     from mtc.spaces.branched import blocks_of
@@ -79,14 +79,19 @@ def setup():
 
     if str(HERE) not in sys.path:
         sys.path.insert(0, str(HERE))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny layers: extra threads only contend on a 2-core machine
     model = import_model("test_branched_efficacy:factory", input_shape=INPUT_SHAPE)
     compile_supergraph(model, tasks=TASKS, head_width=8, feature=model.graph.outputs[0].name, space="branched",
                        locations="3")
     b = blocks_of(model)
     assert len(b.choices) == 3
-    yield model, b, tasks_of(model)
+    return model, b, tasks_of(model)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny layers: extra threads only contend on a 2-core machine
+    yield _supergraph()
     torch.set_num_threads(threads)
 
 
@@ -107,24 +112,59 @@ def _groups(level) -> list[list[str]]:
     return sorted(sorted(g) for g in level)
 
 
-@pytest.mark.parametrize("seed", SEEDS)
-def test_rsa_affinity_is_higher_inside_the_pairs_and_the_two_branch_tree_separates_them(setup, tmp_path, seed):
+def rsa(seed: int, work: Path) -> dict:
+    """The rsa search of one seed: the last location's affinities inside and across the pairs, the tree."""
+    setup = _supergraph()
     _, b, _ = setup
     two_branch = b.shared_size("params") + b.params[-1]
-    _, run = _search(setup, tmp_path, seed, "rsa", {"batch_size": 8, "single_steps": RSA_STEPS, "single_lr": RSA_LR,
-                                                     "rsa_images": RSA_IMAGES, "budget": str(two_branch)})
+    _, run = _search(setup, work, seed, "rsa", {"batch_size": 8, "single_steps": RSA_STEPS, "single_lr": RSA_LR,
+                                                 "rsa_images": RSA_IMAGES, "budget": str(two_branch)})
     A = np.array(run.read_json("affinity.json")["affinity"])[-1]
     inside = min(A[0, 1], A[2, 3])
     across = max(A[0, 2], A[0, 3], A[1, 2], A[1, 3])
-    assert inside > across, np.round(A, 3)
+    return {"A": A, "inside": float(inside), "across": float(across), "tree": run.read_json("tree.json")}
+
+
+def first_split(seed: int, work: Path) -> list[list[str]]:
+    """The first split of the gumbel search's tree (the last level if it never splits)."""
+    _, run = _search(_supergraph(), work, seed, "gumbel", {"batch_size": 32, **GUMBEL})
     tree = run.read_json("tree.json")
+    return _groups(next((level for level in tree["levels"] if len(level) > 1), tree["levels"][-1]))
+
+
+# --- the claims per seed, for the results harness (bench/results.py --efficacy) -----------------
+
+def claim_rsa(seed: int, work: Path) -> dict:
+    r = rsa(seed, work)
+    levels = r["tree"]["levels"]
+    met = (r["inside"] > r["across"] and [len(level) for level in levels] == [1, 1, 2]
+           and _groups(levels[-1]) == PAIRS)
+    return {"value": r["inside"] - r["across"], "met": met, "detail": {"last": _groups(levels[-1])}}
+
+
+def claim_gumbel(seed: int, work: Path) -> dict:
+    first = first_split(seed, work)
+    return {"value": float(first == PAIRS), "met": first == PAIRS, "detail": {"first_split": first}}
+
+
+CLAIMS = {
+    "branched rsa: pairs have the higher affinity and get their own branches": (
+        claim_rsa, "min affinity inside > max across at the last location; two-branch tree = the pairs"),
+    "branched gumbel: the first split is the pairs": (claim_gumbel, "first split of the tree = the pairs"),
+}
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_rsa_affinity_is_higher_inside_the_pairs_and_the_two_branch_tree_separates_them(setup, tmp_path, seed):
+    r = rsa(seed, tmp_path)
+    A, inside, across = r["A"], r["inside"], r["across"]
+    assert inside > across, np.round(A, 3)
+    tree = r["tree"]
     assert [len(level) for level in tree["levels"]] == [1, 1, 2]
     assert _groups(tree["levels"][-1]) == PAIRS, tree["levels"]
 
 
 @pytest.mark.parametrize("seed", SEEDS)
 def test_gumbel_finds_the_same_grouping(setup, tmp_path, seed):
-    _, run = _search(setup, tmp_path, seed, "gumbel", {"batch_size": 32, **GUMBEL})
-    tree = run.read_json("tree.json")
-    first = next((level for level in tree["levels"] if len(level) > 1), tree["levels"][-1])
-    assert _groups(first) == PAIRS, json.dumps(tree["levels"])
+    first = first_split(seed, tmp_path)
+    assert first == PAIRS, first
