@@ -77,3 +77,59 @@ def test_a_killed_grid_resumes_without_redoing_runs_and_its_tables_are_the_runs_
     assert cell["paired"]["searched_better"] == sum(d > 0 for d in diffs) and cell["paired"]["runs"] == 2
     md = (work / "results.md").read_text()
     assert "searched better on" in md and "mtc search super.mtc.onnx" in md
+
+
+def _efficacy():
+    sys.path.insert(0, str(ROOT / "bench"))
+    import efficacy
+
+    return efficacy
+
+
+def test_efficacy_seeds_parse_ranges_and_lists_and_refuse_the_rest():
+    ef = _efficacy()
+    assert ef.parse_seeds("0-3,7,2") == [0, 1, 2, 3, 7]
+    for bad in ("a", "3-1", "1-", ""):
+        with pytest.raises(SystemExit, match="--seeds"):
+            ef.parse_seeds(bad)
+
+
+def test_every_efficacy_test_module_declares_claims_the_harness_can_run():
+    ef = _efficacy()
+    cl = ef.claims("all")
+    assert {c["group"] for c in cl} == set(ef.MODULES)
+    for c in cl:
+        assert callable(c["fn"]) and c["criterion"] and c["test_seeds"] == [0, 1, 2]
+    with pytest.raises(SystemExit, match="unknown group"):
+        ef.claims("automtl,nope")
+
+
+def test_efficacy_mode_resumes_after_a_failure_and_counts_seeds_meeting_the_threshold(tmp_path):
+    """A measurement that dies keeps the finished seeds' results; the rerun measures only the rest, and
+    the table is the count of seeds whose value met the criterion, with mean and std (ddof 1)."""
+    ef = _efficacy()
+    calls: list[int] = []
+    values = {0: 0.4, 1: 0.1, 2: 0.5}
+
+    def measure(seed: int, folder: Path) -> dict:
+        calls.append(seed)
+        (folder / "partial").write_text("x")  # what the run leaves in its folder
+        if seed == 2 and calls.count(2) == 1:
+            raise RuntimeError("killed")
+        return {"value": values[seed], "met": values[seed] >= 0.3, "detail": {"v": np.float32(values[seed])}}
+
+    cl = [{"group": "toy", "name": "toy: a claim", "fn": measure, "criterion": "value ≥ 0.3", "test": "t.py",
+           "test_seeds": [0]}]
+    with pytest.raises(RuntimeError):
+        ef.execute(cl, [0, 1, 2], tmp_path, progress=False)
+    assert calls == [0, 1, 2]
+    ef.execute(cl, [0, 1, 2], tmp_path, progress=False)
+    assert calls == [0, 1, 2, 2]  # seeds 0 and 1 were not redone
+    (row,) = ef.collect(cl, [0, 1, 2], tmp_path)
+    assert (row["runs"], row["met"], row["holds"]) == (3, 2, True)
+    assert row["value"]["mean"] == pytest.approx(np.mean([0.4, 0.1, 0.5]))
+    assert row["value"]["std"] == pytest.approx(np.std([0.4, 0.1, 0.5], ddof=1))
+    ef.write_tables([row], tmp_path / "out" / "eff", "cmd")
+    md = (tmp_path / "out" / "eff.md").read_text()
+    assert "| toy: a claim | value ≥ 0.3 | 2 of 3 | yes |" in md and "s1 +0.100 ✗" in md
+    assert json.loads((tmp_path / "out" / "eff.json").read_text())["claims"][0]["per_seed"][0]["detail"]["v"] == pytest.approx(0.4)
