@@ -170,9 +170,6 @@ def to_markdown(rows: list[dict[str, Any]], command: str) -> str:
 
 
 def write_tables(rows: list[dict[str, Any]], out: Path, command: str) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    for suffix, text in ((".json", json.dumps({"command": command, "claims": rows}, indent=1)),
-                         (".md", to_markdown(rows, command))):
-        tmp = out.with_suffix(suffix + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, out.with_suffix(suffix))
+    from tables import write_tables as write
+
+    write(out, {"command": command, "claims": rows}, to_markdown(rows, command))

@@ -142,13 +142,10 @@ def main(argv: list[str] | None = None) -> int:
             if (folder / "done.json").exists():
                 rows.append({"seed": seed, "lambda": lam, "result": analyse(folder, lam)})
     command = "python bench/partition_es.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    out = Path(args.out) if args.out else work / "partition-es"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    for suffix, text in ((".json", json.dumps({"command": command, "runs": rows}, indent=1)),
-                         (".md", to_markdown(rows, command))):
-        tmp = out.with_suffix(suffix + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, out.with_suffix(suffix))
+    from tables import write_tables
+
+    write_tables(Path(args.out) if args.out else work / "partition-es", {"command": command, "runs": rows},
+                 to_markdown(rows, command))
     print(to_markdown(rows, command))
     return 0
 

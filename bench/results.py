@@ -247,13 +247,10 @@ def to_markdown(grid: dict[str, Any], res: dict[str, Any], work: Path) -> str:
 
 
 def write_tables(grid: dict[str, Any], work: Path, out: Path) -> dict[str, Any]:
+    from tables import write_tables as write
+
     res = collect(grid, work)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    for suffix, text in ((".json", json.dumps({"grid": grid, **res}, indent=1)),
-                         (".md", to_markdown(grid, res, work))):
-        tmp = out.with_suffix(suffix + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, out.with_suffix(suffix))
+    write(out, {"grid": grid, **res}, to_markdown(grid, res, work))
     return res
 
 
