@@ -168,6 +168,16 @@ class _Deferred:
     fn: Callable[[], np.ndarray]
 
 
+def _layer_rng(seed: int, index: int) -> np.random.Generator:
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence([int(seed), index])))
+
+
+def _redraw(seed: int, index: int, fn: Callable[..., np.ndarray], a: float, b: float,
+            shape: tuple[int, ...]) -> np.ndarray:
+    """A deferred blob: the first draw from its layer's stream."""
+    return fn(_layer_rng(seed, index), a, b, shape)
+
+
 def _normal(rng: np.random.Generator, mean: float, std: float, shape: tuple[int, ...]) -> np.ndarray:
     """N(mean, std) drawn in float32, in place (the weights are float32 anyway)."""
     data = memory.empty(shape, np.float32)
@@ -203,7 +213,7 @@ class _Converter:
         self.graph_outputs: list[_Value] = []
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
-        self.arrays: dict[str, np.ndarray] = {}
+        self.arrays: dict[str, np.ndarray | _Deferred] = {}
         self.value_info: list[onnx.ValueInfoProto] = []
         self.value_names: set[str] = set()
         self.node_names: set[str] = set()
@@ -554,11 +564,12 @@ class _Converter:
         # One stream per (seed, position of the layer in the file), hash-free: a layer's weights never
         # depend on how many numbers other layers drew. PCG64 with float32 normals (ziggurat) draws
         # deeplab_resnet34's 21 M weights ~3x faster than the legacy RandomState's float64 Box-Muller.
-        return np.random.Generator(np.random.PCG64(np.random.SeedSequence([int(self.seed), layer.index])))
+        return _layer_rng(self.seed, layer.index)
 
-    def _redraw(self, layer: _Layer, fn: Callable[..., np.ndarray], a: float, b: float,
-                shape: tuple[int, ...]) -> np.ndarray:
-        return fn(self._rng(layer), a, b, shape)
+    def _deferred(self, layer: _Layer, fn: Callable[..., np.ndarray], a: float, b: float,
+                  shape: tuple[int, ...]) -> _Deferred:
+        # Seed and layer index only: a model's weights must not keep the converter alive.
+        return _Deferred(shape, functools.partial(_redraw, int(self.seed), layer.index, fn, a, b, shape))
 
     @staticmethod
     def _draws(filler: _Msg | None, default: str) -> bool:
@@ -567,6 +578,14 @@ class _Converter:
         return kind not in ("one", "zero", "constant", "bilinear")
 
     def _fill(
+        self, filler: _Msg, shape: tuple[int, ...], rng: np.random.Generator, default: str, layer: _Layer, what: str
+    ) -> np.ndarray:
+        """Draw a blob of Caffe shape ``shape`` as Caffe's filler would."""
+        out = self._fill_or_defer(filler, shape, rng, default, layer, what, defer=False)
+        assert isinstance(out, np.ndarray)
+        return out
+
+    def _fill_or_defer(
         self,
         filler: _Msg,
         shape: tuple[int, ...],
@@ -575,7 +594,7 @@ class _Converter:
         layer: _Layer,
         what: str,
         *,
-        defer: bool = False,
+        defer: bool,
     ) -> np.ndarray | _Deferred:
         """Draw a blob of Caffe shape ``shape`` as Caffe's filler would.
 
@@ -609,11 +628,11 @@ class _Converter:
             if filler.max < filler.min:
                 raise self._err(f"{what}: uniform filler has max {filler.max} < min {filler.min}", layer)
             if defer:
-                return _Deferred(shape, functools.partial(self._redraw, layer, _uniform, filler.min, filler.max, shape))
+                return self._deferred(layer, _uniform, filler.min, filler.max, shape)
             data = _uniform(rng, filler.min, filler.max, shape)
         elif kind == "gaussian":
             if defer and filler.sparse < 0:
-                return _Deferred(shape, functools.partial(self._redraw, layer, _normal, filler.mean, filler.std, shape))
+                return self._deferred(layer, _normal, filler.mean, filler.std, shape)
             data = _normal(rng, filler.mean, filler.std, shape)
             if filler.sparse >= 0:
                 if not shape:
@@ -625,11 +644,11 @@ class _Converter:
         elif kind == "xavier":
             scale = math.sqrt(3.0 / n)
             if defer:
-                return _Deferred(shape, functools.partial(self._redraw, layer, _uniform, -scale, scale, shape))
+                return self._deferred(layer, _uniform, -scale, scale, shape)
             data = _uniform(rng, -scale, scale, shape)
         elif kind == "msra":
             if defer:
-                return _Deferred(shape, functools.partial(self._redraw, layer, _normal, 0.0, math.sqrt(2.0 / n), shape))
+                return self._deferred(layer, _normal, 0.0, math.sqrt(2.0 / n), shape)
             data = _normal(rng, 0.0, math.sqrt(2.0 / n), shape)
         elif kind == "positive_unitball":
             data = rng.random(shape).reshape(shape[0] if shape else 1, -1)
@@ -815,7 +834,8 @@ class _Converter:
         rng = self._rng(layer)
         # The weight is the stream's first draw; deferred unless a random bias draws after it.
         defer = not (p.bias_term and self._draws(self._filler(p, "bias_filler"), "zero"))
-        w = self._fill(self._filler(p, "weight_filler"), wshape, rng, "msra", layer, "weight_filler", defer=defer)
+        w = self._fill_or_defer(self._filler(p, "weight_filler"), wshape, rng, "msra", layer, "weight_filler",
+                                defer=defer)
         inputs = [x, self._init(f"{layer.name}.weight", w)]
         if p.bias_term:
             b = self._fill(self._filler(p, "bias_filler"), (p.num_output,), rng, "zero", layer, "bias_filler")
@@ -1109,7 +1129,8 @@ class _Converter:
         wshape = (k, n) if p.transpose else (n, k)
         rng = self._rng(layer)
         defer = not (p.bias_term and self._draws(self._filler(p, "bias_filler"), "zero"))
-        w = self._fill(self._filler(p, "weight_filler"), wshape, rng, "msra", layer, "weight_filler", defer=defer)
+        w = self._fill_or_defer(self._filler(p, "weight_filler"), wshape, rng, "msra", layer, "weight_filler",
+                                defer=defer)
         inputs = [x, self._init(f"{layer.name}.weight", w)]
         if p.bias_term:
             b = self._fill(self._filler(p, "bias_filler"), (n,), rng, "zero", layer, "bias_filler")
