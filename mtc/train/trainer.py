@@ -20,6 +20,7 @@ import torch
 
 from mtc.errors import MtcError
 from mtc.lower.module import GraphModule
+from mtc.lower.seeding import seed_torch
 from mtc.spaces import OptimizerSpec, Stage, Update
 from mtc.tasks.spec import TaskSpec
 from mtc.train import distributed
@@ -361,7 +362,7 @@ class Trainer:
                     raise Stopped()
                 i, s = self._position(self.step)
                 stage = self.stages[i]
-                torch.manual_seed(step_seed(self.config.seed, self.name, self.step))
+                seed_torch(step_seed(self.config.seed, self.name, self.step))
                 record: dict[str, Any] = {"stage": stage.name, "step": s}
                 if stage.before_step is not None:
                     record.update(stage.before_step(s))

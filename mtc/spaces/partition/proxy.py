@@ -37,6 +37,7 @@ from mtc.errors import MtcError
 from mtc.ir import supergraph as sg
 from mtc.ir.plan import Plan
 from mtc.lower.module import GraphModule, lower
+from mtc.lower.seeding import seed_torch
 from mtc.passes.canonicalize import remove_dead
 from mtc.spaces.baselines import CHECKPOINT, baseline_tasks, module_weights, single_task_weights
 from mtc.spaces.partition.lowering import PartitionControls, partition_choices
@@ -272,7 +273,7 @@ class Distiller:
         loss = torch.zeros(())
         for step in range(int(o["teacher_steps"])):
             x, targets = _batch(self.train, self.tasks, TEACHER_BATCH, self.seed, tag, step)
-            torch.manual_seed(self.seed * 7919 + step)
+            seed_torch(self.seed * 7919 + step)
             _, _, outs = self._full(x.to(self.parts.device))
             which = range(len(self.tasks)) if i is None else [i]
             loss = sum((get_kind(self.tasks[j].kind).loss(outs[j], targets.get(self.tasks[j].name)) for j in which),
