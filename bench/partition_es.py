@@ -66,16 +66,13 @@ def run_one(folder: Path, seed: int, lam: float, evals: int, directions: int, sc
     os.replace(tmp, folder / "done.json")
 
 
-def analyse(folder: Path, lam: float) -> dict[str, Any]:
+def analyse(folder: Path) -> dict[str, Any]:
     recs = [json.loads(x) for x in (folder / "run" / "samples.jsonl").read_text().splitlines() if x.strip()]
     rnd = [r for r in recs if r["kind"] == "random"]
     es = [r for r in recs if r["kind"] == "es"]
-
-    def reward(r: dict[str, Any]) -> float:
-        d = np.diag(np.asarray(r["P"]))
-        return float(r["score"]) - lam * float(d @ d)
-
-    plan = max(es, key=lambda r: (reward(r), -r["index"]))
+    # the search's own choice (its best reward), as its plan records it
+    chosen = json.loads((folder / "run" / "plan.json").read_text())["info"]["sample"]
+    plan = next(r for r in recs if r["index"] == chosen)
     best_rnd = max(rnd, key=lambda r: (r["score"], -r["index"]))
     at_most = [r for r in rnd if r["mean_use"] <= plan["mean_use"]]
     best_at_most = max(at_most, key=lambda r: r["score"]) if at_most else None
@@ -128,7 +125,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.evals % (2 * args.directions):
         raise SystemExit(f"partition_es.py: --evals {args.evals} is not a multiple of 2 x --directions")
     work = Path(args.work)
-    seeds = [int(s) for s in args.seeds.split(",")]
+    from efficacy import parse_seeds
+
+    seeds = parse_seeds(args.seeds)
     lams = [float(x) for x in args.lambdas.split(",")]
     rows = []
     for lam in lams:
@@ -140,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
                 run_one(folder, seed, lam, args.evals, args.directions, args.score_batches)
                 print(f"[{time.time() - t0:6.0f} s] seed {seed}, λ {lam:g}", flush=True)
             if (folder / "done.json").exists():
-                rows.append({"seed": seed, "lambda": lam, "result": analyse(folder, lam)})
+                rows.append({"seed": seed, "lambda": lam, "result": analyse(folder)})
     command = "python bench/partition_es.py " + " ".join(sys.argv[1:] if argv is None else argv)
     from tables import write_tables
 

@@ -80,7 +80,8 @@ def test_a_killed_grid_resumes_without_redoing_runs_and_its_tables_are_the_runs_
 
 
 def _efficacy():
-    sys.path.insert(0, str(ROOT / "bench"))
+    if str(ROOT / "bench") not in sys.path:
+        sys.path.insert(0, str(ROOT / "bench"))
     import efficacy
 
     return efficacy
