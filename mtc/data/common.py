@@ -19,6 +19,7 @@ __all__ = [
     "GeneratedDataset",
     "PartialLabels",
     "check_fraction",
+    "fixed_samples",
     "check_positive",
     "rng",
     "to_channels",
@@ -52,6 +53,9 @@ class GeneratedDataset(Dataset):
         make: ``index -> (image, {task: target})``.
         cache: keep samples once made (trades memory for the generation time of later epochs).
     """
+
+    #: sample ``i`` is the same whenever it is read (:func:`fixed_samples`)
+    fixed_samples = True
 
     def __init__(self, n: int, make: Callable[[int], Sample], *, cache: bool = False) -> None:
         self.n = int(n)
@@ -107,6 +111,21 @@ class PartialLabels(Dataset):
         image, targets = self.dataset[index]
         i = int(index) % len(self)
         return image, {k: v for k, v in targets.items() if self.keeps(k, i)}
+
+
+def fixed_samples(dataset: Any) -> bool:
+    """Whether sample ``i`` of ``dataset`` is the same whenever it is read, so that checking it once
+    is enough (the trainer then checks each sample on its first read only).
+
+    True for :class:`GeneratedDataset` (its ``make`` is a pure function of the index), for
+    :class:`PartialLabels` and ``torch.utils.data.Subset`` over such a dataset, and for a plug-in's
+    dataset whose class sets ``fixed_samples = True``; anything else (random augmentation, data read
+    from a changing source) is checked on every read.
+    """
+    ds = dataset
+    while isinstance(ds, PartialLabels | torch.utils.data.Subset):
+        ds = ds.dataset
+    return getattr(type(ds), "fixed_samples", False) is True
 
 
 def check_fraction(name: str, value: float) -> float:

@@ -148,13 +148,16 @@ def make_digits(
         # Small inputs are resized once per split (a training step reads every image many times);
         # interpolation treats each image alone, so the values are those of a per-read resize.
         cache = resized(index) if len(index) * h * w <= _CACHE_PIXELS else None
+        # Every task's label of every image of the split, made once (a tensor per read was a
+        # seventh of a small model's training step).
+        split = {name: torch.tensor([_label(base, int(labels[j]), int(ks[j])) for j in index], dtype=torch.int64)
+                 for name, base in names}
 
         def make(i: int):
             j = int(index[i])
             up = cache[i] if cache is not None else resized(np.array([j]))[0]
             image = up.expand(c, h, w).clone()
-            digit, k = int(labels[j]), int(ks[j])
-            return image, {name: torch.tensor(_label(base, digit, k), dtype=torch.int64) for name, base in names}
+            return image, {name: split[name][i].clone() for name, _ in names}
 
         return make
 

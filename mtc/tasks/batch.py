@@ -29,6 +29,8 @@ def collate_targets(targets: Sequence[Any], kind: TaskKind) -> torch.Tensor | No
         if t.shape != shape:
             raise ValueError(f"targets of one batch differ in shape: {tuple(shape)} and {tuple(t.shape)}")
     dtype = torch.long if kind.integer_targets else torch.float32
+    if len(present) == len(targets) and all(t.dtype == present[0].dtype for t in present):
+        return torch.stack(present).to(dtype)  # every sample labelled: one conversion, not one per sample
     filler = kind.missing_target(shape).to(dtype)
     out = [filler if t is None else torch.as_tensor(t).to(dtype) for t in targets]
     return torch.stack(out)

@@ -88,3 +88,64 @@ def test_split_is_disjoint_seeded_and_complete():
         split(ds, 1.0)
     with pytest.raises(MtcError):
         make_loader(ds, TASKS, 0)
+
+
+class _Turns(torch.utils.data.Dataset):
+    """Sample i's target turns from shape (1,) to (3,) from the 11th read on (a changing source)."""
+
+    def __init__(self, fixed: bool) -> None:
+        self.reads = 0
+        if fixed:
+            self.fixed_samples = True  # on the instance: only the class's flag counts
+
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, i):
+        self.reads += 1
+        return torch.zeros(1, 4, 4), {"a": torch.zeros(3 if self.reads > 10 else 1)}
+
+
+class _FixedTurns(_Turns):
+    fixed_samples = True
+
+
+def test_samples_that_do_not_change_are_checked_on_their_first_read_only(monkeypatch):
+    from mtc.data import GeneratedDataset, PartialLabels, registry
+    from mtc.data.common import fixed_samples
+    from mtc.tasks.spec import TaskSpec
+    from mtc.train.loop import Batcher
+
+    gen = GeneratedDataset(12, lambda i: (torch.full((1, 4, 4), float(i)), {"a": torch.tensor([float(i)])}))
+    assert fixed_samples(gen) and fixed_samples(PartialLabels(gen, 0.5, 0))
+    assert fixed_samples(torch.utils.data.Subset(gen, [1, 2]))
+    assert not fixed_samples(Partial()) and not fixed_samples(_Turns(fixed=True)) and fixed_samples(_FixedTurns(False))
+
+    calls = []
+    real = registry.sample_problem
+    monkeypatch.setattr(registry, "sample_problem", lambda s, *a, **k: calls.append(1) or real(s, *a, **k))
+    tasks = [TaskSpec("a", "regress", 1)]
+    b = Batcher(gen, tasks, 4, 0, "train", shape=(1, 4, 4))
+    for step in range(9):  # three epochs
+        b.host_batch(step)
+    assert len(calls) == 12  # each sample once
+
+    # A data set that may change is checked on every read: the 11th read is caught.
+    b = Batcher(_Turns(fixed=False), tasks, 4, 0, "train", shape=(1, 4, 4))
+    b.host_batch(0), b.host_batch(1)
+    with pytest.raises(MtcError, match=r"task 'a': target shape \(3,\)"):
+        b.host_batch(2)
+
+
+def test_collation_of_fully_labelled_batches_equals_the_per_sample_conversion():
+    from mtc.tasks.batch import collate_targets
+
+    g = torch.Generator().manual_seed(0)
+    ints = [torch.randint(0, 5, (4, 4), generator=g, dtype=torch.int32) for _ in range(5)]
+    got = collate_targets(ints, get_kind("seg"))
+    assert got.dtype == torch.long and torch.equal(got, torch.stack([t.long() for t in ints]))
+    mixed = [torch.tensor([1.5]), torch.tensor([2.0], dtype=torch.float64)]
+    got = collate_targets(mixed, get_kind("regress"))
+    assert got.dtype == torch.float32 and torch.equal(got, torch.tensor([[1.5], [2.0]]))
+    with_missing = collate_targets([torch.tensor(3), None], get_kind("class"))
+    assert with_missing.tolist() == [3, get_kind("class").missing_target(()).item()]
