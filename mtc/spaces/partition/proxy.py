@@ -267,7 +267,7 @@ class Distiller:
         self.parts.controls.set_masks({c: {t: list(range(n)) for t in self.parts.names}
                                        for c, n in self.parts.controls.sizes.items()})
         params = [v for m in self._modules() for v in m.parameters() if v.requires_grad]
-        opt = torch.optim.Adam(params, lr=float(o["teacher_lr"]))
+        opt = torch.optim.Adam(params, lr=float(o["teacher_lr"]), foreach=True)
         for m in self._modules():
             m.train()
         loss = torch.zeros(())
@@ -330,7 +330,7 @@ class Distiller:
         student = p.mid
         student.train()
         params = [v for v in student.parameters() if v.requires_grad]
-        opt = torch.optim.SGD(params, lr=lr, momentum=0.9)
+        opt = torch.optim.SGD(params, lr=lr, momentum=0.9, foreach=True)
         losses = []
         for s, (e, z, _) in enumerate(batches):
             if s == drop:
