@@ -7,7 +7,8 @@
    4-MNISTs): copies end with more similar allocations than non-copies.
 3. the same four tasks with budget b = 0.75 against no budget (the paper's Table I, means over
    runs): over the seeds, the mean final active fraction is at most 0.77 and the mean top-1 within
-   one point of the unconstrained runs (``slow``: six runs of 10-75 s).
+   one point of the unconstrained runs (six runs of 1,500 small steps: 10-15 s each on a quiet
+   2-core host, the longest test of ``make test``).
 
 Settings (recorded in docs/spaces/allocation.md, "Efficacy"):
 
@@ -197,7 +198,6 @@ def test_copies_of_a_digits_task_end_with_more_similar_allocations(threads, tmp_
     assert same > others, np.round(sim, 3)
 
 
-@pytest.mark.slow
 def test_a_budget_of_three_quarters_keeps_at_most_077_active_within_a_point(threads, tmp_path):
     """Over the seeds, as the paper's Table I reports it (means over 30 runs). Per seed it is one
     allocation of 48 from the threshold: on one host seed 0 ended 36 of 48 active, on another 37
