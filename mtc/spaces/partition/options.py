@@ -61,6 +61,7 @@ ES_OPTIONS = (
            "1e-3, 'es (wd 1e-3)')", low=0.0),
     Option("random_samples", 0, "random P scored before the ES steps (the grey map of the paper's Fig. 5 under the "
            "ES trajectory)", low=0),
-    Option("init", "", "the starting P (JSON matrix or rows separated by ';'; default: a random P)", metavar="P"),
+    Option("init", "", "the starting P: a JSON matrix or rows separated by ';', or best-random (the best of the "
+           "--random-samples, a warm start); default: a random P", metavar="P"),
     *_COMMON,
 )

@@ -14,7 +14,9 @@ only the b directions with the best max(r+, r-) count (V1-t). The update is
 with σ_R the standard deviation of the 2b rewards used, α = ``es_lr`` (0.1) and λ =
 ``diag_penalty``: the L2 penalty λ ||diag(P)||² on channel use, whose gradient is added to the
 estimate (Newell et al.: "an additional L2 weight regularization term is added to the parameters on
-the diagonal of P"). ``random_samples`` random P are scored first, for the Fig. 5 map.
+the diagonal of P"). ``random_samples`` random P are scored first, for the Fig. 5 map; with
+``init`` = ``best-random`` ES starts from the best of them (a warm start: the paper does not say
+where its ES starts; the default is a random P of the seed).
 
 Outputs: ``samples.jsonl`` (one line per scored P: its kind, step, P, mean channel use, proxy score
 and per-task metrics), ``samples.png`` (the paper's Fig. 5: proxy score against mean channel use,
@@ -39,6 +41,7 @@ from mtc.spaces.partition.options import ES_OPTIONS, RANDOM_OPTIONS
 from mtc.spaces.partition.solver import as_matrix, mean_use, random_p, symmetric
 
 SAMPLES = "samples.jsonl"
+WARM = "best-random"  # --init: start ES from the best random sample
 FIGURE = "samples.png"
 
 
@@ -205,14 +208,20 @@ class EvolutionSearch(_PartitionSearch):
         return max(es, key=lambda r: (self.objective(r), -r["index"]))
 
     def check(self) -> None:
-        if self.opts["init"]:
+        if str(self.opts["init"]) == WARM:
+            if int(self.opts["random_samples"]) < 1:
+                raise MtcError(f"--init {WARM} starts from the best of the --random-samples: give at least one")
+        elif self.opts["init"]:
             as_matrix(str(self.opts["init"]), self.n, what="--init")
 
     def run_search(self) -> None:
         o = self.opts
         n = self.n
         self.random_samples(int(o["random_samples"]), (0.0, 1.0))
-        if o["init"]:
+        if str(o["init"]) == WARM:  # the random samples' best score (earliest on a tie)
+            rnd = [r for r in self.samples if r["kind"] == "random"]
+            theta = to_theta(np.asarray(max(rnd, key=lambda r: (r["score"], -r["index"]))["P"]))
+        elif o["init"]:
             theta = to_theta(as_matrix(str(o["init"]), n, what="--init"))
         else:
             theta = to_theta(random_p(n, np.random.default_rng([int(self.host.seed), 0x1E5])))

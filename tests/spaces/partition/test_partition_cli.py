@@ -82,6 +82,7 @@ def test_allocation_flow_writes_embeddings_and_allocated_task_models(flows):
     (["--init", "1 2; 2 1"], "--init must lie in [0, 1]: entry (0, 1) is 2"),
     (["--init", "1 0.5 0.5; 0.5 1 0.5; 0.5 0.5 1"], "--init must be square in the task count (2x2), got 3x3"),
     (["--baselines", "."], "not an mtc baseline run directory"),
+    (["--init", "best-random", "--random-samples", "0"], "--init best-random starts from the best of the --random-samples: give at least one"),
 ])
 def test_bad_search_input_is_one_line_and_writes_nothing(flows, args, needle):
     r = _mtc("search", "p.mtc.onnx", "--data", "digits", "--run-dir", "bad", *ES, *args, cwd=flows)

@@ -193,6 +193,23 @@ def test_es_takes_32_evaluations_per_step_and_follows_mania_et_al(data, tmp_path
     assert (run.path / "samples.png").is_file()
 
 
+def test_es_from_best_random_starts_at_the_best_random_sample(data, tmp_path):
+    model = _compile()
+    nu = 1e-3
+    plan, run, samples = _search(model, data, tmp_path, "es", es_steps=1, directions=2, random_samples=5,
+                                 noise=nu, init="best-random")
+    rnd = [s for s in samples if s["kind"] == "random"]
+    es = [s for s in samples if s["kind"] == "es"]
+    assert len(rnd) == 5 and len(es) == 4
+    best = max(rnd, key=lambda s: (s["score"], -s["index"]))
+    tri = np.triu_indices(2)
+    theta0 = np.array(best["P"])[tri]
+    # θ0 ± ν δ_0 with δ_0 the step's first direction, drawn as the search draws it, clipped to [0, 1]
+    delta = np.random.default_rng([0, 0xE5, 0]).standard_normal((2, 3))[0]
+    np.testing.assert_allclose(np.array(es[0]["P"])[tri], np.clip(theta0 + nu * delta, 0, 1), atol=2e-6)
+    np.testing.assert_allclose(np.array(es[1]["P"])[tri], np.clip(theta0 - nu * delta, 0, 1), atol=2e-6)
+
+
 def test_short_train_proxy_scores_each_sample_by_a_short_training(data, tmp_path):
     model = _compile()
     plan, run, samples = _search(model, data, tmp_path, "random", samples=2, proxy="short-train", short_steps=3)
