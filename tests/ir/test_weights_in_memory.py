@@ -45,7 +45,6 @@ def test_the_weightless_check_accepts_what_the_full_check_accepts():
 @pytest.mark.filterwarnings("ignore::UserWarning")  # the file binds 'data' to its declared input
 def test_prototxt_weights_are_in_memory_arrays_with_the_documented_distributions():
     from mtc.frontends import import_model
-
     from mtc.ir.seeded import DrawnTensor
 
     model = import_model(str(ROOT / "backbones" / "deeplab_resnet34.prototxt"))
