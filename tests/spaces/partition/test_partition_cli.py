@@ -32,7 +32,7 @@ def _ok(*args: str, cwd):
 def flows(tmp_path_factory):
     d = tmp_path_factory.mktemp("flows")
     _ok("compile", *COMPILE, "--space", "partition", "--sites", "all", "-o", "p.mtc.onnx", cwd=d)
-    r = _ok("search", "p.mtc.onnx", "--data", "digits", "--run-dir", "prun", *ES, cwd=d)
+    r = _ok("search", "p.mtc.onnx", "--data", "digits", "--run-dir", "prun", *ES, "--init", "best-random", cwd=d)
     assert "mean channel use" in r.stdout
     _ok("train", "prun", "--steps", "2", "--quiet", cwd=d)
     _ok("export", "prun", "-o", "pout", "--repeat", "2", cwd=d)
@@ -48,8 +48,14 @@ def flows(tmp_path_factory):
 def test_partition_flow_writes_samples_figure_plan_and_smaller_task_models(flows):
     from mtc.ir import io
 
-    samples = (flows / "prun" / "samples.jsonl").read_text().splitlines()
+    samples = [json.loads(x) for x in (flows / "prun" / "samples.jsonl").read_text().splitlines()]
     assert len(samples) == 2 + 4
+    # --init best-random: the first ES pair straddles the better random sample
+    best = max(samples[:2], key=lambda r: (r["score"], -r["index"]))
+    mid = (np.array(samples[2]["P"]) + np.array(samples[3]["P"])) / 2
+    inside = (np.array(samples[2]["P"]) > 0) & (np.array(samples[2]["P"]) < 1) & (np.array(samples[3]["P"]) > 0) \
+        & (np.array(samples[3]["P"]) < 1)
+    np.testing.assert_allclose(mid[inside], np.array(best["P"])[inside], atol=2e-6)
     plan = json.loads((flows / "prun" / "plan.json").read_text())
     assert (flows / "prun" / "samples.png").is_file()
     for t in ("digit", "rotated"):
