@@ -86,8 +86,9 @@ def analyse(folder: Path, against: Path | None = None) -> dict[str, Any]:
     es = [r for r in recs if r["kind"] == "es"]
     rnd = [r for r in _samples(against or folder) if r["kind"] == "random"]
     own = [r for r in recs if r["kind"] == "random"]
-    if against is not None:  # the warm run's own random samples must be the first of the comparison set
-        assert [(r["P"], r["score"]) for r in own] == [(r["P"], r["score"]) for r in rnd[:len(own)]], folder
+    # the warm run's own random samples must be the first of the comparison set, with the same scores
+    if against is not None and [(r["P"], r["score"]) for r in own] != [(r["P"], r["score"]) for r in rnd[:len(own)]]:
+        raise SystemExit(f"partition_es.py: {folder}'s random samples differ from {against}'s: not comparable")
     # the search's own choice (its best reward), as its plan records it
     chosen = json.loads((folder / "run" / "plan.json").read_text())["info"]["sample"]
     plan = next(r for r in recs if r["index"] == chosen)
