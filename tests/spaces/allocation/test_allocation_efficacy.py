@@ -7,8 +7,8 @@
    4-MNISTs): copies end with more similar allocations than non-copies.
 3. the same four tasks with budget b = 0.75 against no budget (the paper's Table I, means over
    runs): over the seeds, the mean final active fraction is at most 0.77 and the mean top-1 within
-   one point of the unconstrained runs (six runs of 1,500 small steps: 10-15 s each on a quiet
-   2-core host, the longest test of ``make test``).
+   one point of the unconstrained runs (six runs of 1,500 small steps: 12-18 s each on a 2-core
+   host, the longest test of ``make test``).
 
 Settings (recorded in docs/spaces/allocation.md, "Efficacy"):
 

@@ -55,6 +55,7 @@ def test_partition_flow_writes_samples_figure_plan_and_smaller_task_models(flows
     mid = (np.array(samples[2]["P"]) + np.array(samples[3]["P"])) / 2
     inside = (np.array(samples[2]["P"]) > 0) & (np.array(samples[2]["P"]) < 1) & (np.array(samples[3]["P"]) > 0) \
         & (np.array(samples[3]["P"]) < 1)
+    assert inside.any()
     np.testing.assert_allclose(mid[inside], np.array(best["P"])[inside], atol=2e-6)
     plan = json.loads((flows / "prun" / "plan.json").read_text())
     assert (flows / "prun" / "samples.png").is_file()
