@@ -82,6 +82,8 @@ def _samples(folder: Path) -> list[dict[str, Any]]:
 
 def analyse(folder: Path, against: Path | None = None) -> dict[str, Any]:
     """ES's plan in ``folder`` against the random samples of ``against`` (default: its own)."""
+    from mtc.spaces.partition.search import best_sample
+
     recs = _samples(folder)
     es = [r for r in recs if r["kind"] == "es"]
     rnd = [r for r in _samples(against or folder) if r["kind"] == "random"]
@@ -92,7 +94,7 @@ def analyse(folder: Path, against: Path | None = None) -> dict[str, Any]:
     # the search's own choice (its best reward), as its plan records it
     chosen = json.loads((folder / "run" / "plan.json").read_text())["info"]["sample"]
     plan = next(r for r in recs if r["index"] == chosen)
-    best_rnd = max(rnd, key=lambda r: (r["score"], -r["index"]))
+    best_rnd = best_sample(rnd)
     at_most = [r for r in rnd if r["mean_use"] <= plan["mean_use"]]
     best_at_most = max(at_most, key=lambda r: r["score"]) if at_most else None
     return {

@@ -45,6 +45,12 @@ WARM = "best-random"  # --init: start ES from the best random sample
 FIGURE = "samples.png"
 
 
+def best_sample(records: list[dict[str, Any]], value: Any = None) -> dict[str, Any]:
+    """The record with the highest ``value(record)`` (default: its score); the earliest on a tie."""
+    key = value or (lambda r: float(r["score"]))
+    return max(records, key=lambda r: (key(r), -r["index"]))
+
+
 def to_theta(p: np.ndarray) -> np.ndarray:
     """P's upper triangle, diagonal included (row-major)."""
     return np.asarray(p, dtype=np.float64)[np.triu_indices(p.shape[0])]
@@ -127,7 +133,7 @@ class _PartitionSearch(Strategy):
     def best(self) -> dict[str, Any]:
         if not self.samples:
             raise MtcError("the search scored no sample")
-        return max(self.samples, key=lambda r: (self.objective(r), -r["index"]))
+        return best_sample(self.samples, self.objective)
 
     def evaluate(self, p: np.ndarray, *, key: str, kind: str, step: int | None = None) -> dict[str, Any]:
         """Score one P (or return its score from a resumed run)."""
@@ -205,7 +211,7 @@ class EvolutionSearch(_PartitionSearch):
         es = [r for r in self.samples if r["kind"] == "es"]
         if not es:
             return super().best()
-        return max(es, key=lambda r: (self.objective(r), -r["index"]))
+        return best_sample(es, self.objective)
 
     def check(self) -> None:
         if str(self.opts["init"]) == WARM:
@@ -218,9 +224,8 @@ class EvolutionSearch(_PartitionSearch):
         o = self.opts
         n = self.n
         self.random_samples(int(o["random_samples"]), (0.0, 1.0))
-        if str(o["init"]) == WARM:  # the random samples' best score (earliest on a tie)
-            rnd = [r for r in self.samples if r["kind"] == "random"]
-            theta = to_theta(np.asarray(max(rnd, key=lambda r: (r["score"], -r["index"]))["P"]))
+        if str(o["init"]) == WARM:
+            theta = to_theta(np.asarray(best_sample([r for r in self.samples if r["kind"] == "random"])["P"]))
         elif o["init"]:
             theta = to_theta(as_matrix(str(o["init"]), n, what="--init"))
         else:
